@@ -10,6 +10,7 @@ position, which makes it exactly ordinary 1-D RoPE: that is what we implement.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -361,6 +362,21 @@ def _target(key: str):
     return f"{stem}.gate_up_proj", (e, half)
 
 
+def non_text_tensors(path: str):
+    """(key, tensor) pairs of everything in a checkpoint that is not the thinker's text model
+    (audio and vision towers, talker, code2wav), read one at a time."""
+    from safetensors import safe_open
+
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in _shard_map(path).items():
+        if _target(key) is None:
+            by_shard.setdefault(shard, []).append(key)
+    for shard, keys in sorted(by_shard.items()):
+        with safe_open(shard, framework="pt") as f:
+            for key in keys:
+                yield key, f.get_tensor(key)
+
+
 def _shard_map(path: str) -> dict[str, str]:
     """tensor name -> shard file, from the index or the single-file checkpoint."""
     if not os.path.isdir(path):
@@ -494,9 +510,9 @@ def init_random_(model: Thinker, seed: int = 0, std: float = 0.02):
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
-def released_state_dict(model: Thinker, prefix: str = "thinker."):
-    """Our parameters renamed and split into the released per-expert keys. Yields (key, tensor)."""
-    for name, p in model.state_dict().items():
+def released_tensors(named, prefix: str = "thinker."):
+    """(our name, tensor) pairs -> (released key, tensor) pairs, experts split per expert."""
+    for name, p in named:
         if name == "lm_head.weight":
             yield f"{prefix}lm_head.weight", p
             continue
@@ -513,35 +529,45 @@ def released_state_dict(model: Thinker, prefix: str = "thinker."):
             yield stem, p
 
 
-def save_released(model: Thinker, path: str, dtype=torch.bfloat16, max_shard_bytes: int = 2 * 2**30):
-    """Write `model` as config.json + sharded safetensors + index, in the released layout."""
+def save_released(cfg: ThinkerConfig, named, path: str, dtype=torch.bfloat16, max_shard_bytes: int = 2 * 2**30,
+                  extra=(), config: dict | None = None):
+    """Write (our name, tensor) pairs as config.json + sharded safetensors + index in the released
+    layout. Tensors are consumed one at a time; at most one shard is held in memory. `extra`
+    yields (released key, tensor) pairs written as they are (e.g. a base model's audio and
+    vision towers); `config` replaces the generated config.json."""
     from safetensors.torch import save_file
 
     dtype = resolve_dtype(dtype)
     os.makedirs(path, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for key, t in released_state_dict(model):
-        t = t.detach().to(dtype).contiguous().cpu()
+    weight_map, current, size, total, n = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal current, size, n
+        n += 1
+        fname = f"model-{n:05d}.safetensors"  # renamed to -of-N below, once N is known
+        save_file(current, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in current})
+        current, size = {}, 0
+
+    for key, t in itertools.chain(released_tensors(named), extra):
+        t = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
+            flush()
         current[key] = t
         size += nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+        total += nbytes
+    flush()
+    final = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)}
+    for old, new in final.items():
+        os.replace(os.path.join(path, old), os.path.join(path, new))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    text_config = model.cfg.to_hf_text_config()
-    config = {
+        json.dump({"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}},
+                  f, indent=2)
+    config = config or {
         "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "model_type": "qwen3_omni_moe",
         "enable_audio_output": False,
-        "thinker_config": {"model_type": "qwen3_omni_moe_thinker", "text_config": text_config},
+        "thinker_config": {"model_type": "qwen3_omni_moe_thinker", "text_config": cfg.to_hf_text_config()},
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -553,7 +579,7 @@ def write_random_checkpoint(cfg: ThinkerConfig, path: str, seed: int = 0, dtype=
     """A randomly initialised thinker in the released layout (`thinker.` prefix, per-expert keys)."""
     model = Thinker(cfg)
     init_random_(model, seed)
-    save_released(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    save_released(cfg, model.state_dict().items(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return path
 
 

@@ -1,0 +1,400 @@
+"""LoRA that can be switched off: the student is base + LoRA, the teacher is the same base with
+LoRA switched off (`lora_disabled`). One copy of the 30B weights serves both.
+
+    y = x W^T + scaling * dropout(x) A^T B^T        scaling = alpha / rank, B = 0 at init
+
+Targets (`--lora_target_modules`):
+    ALL          every linear map of the thinker except lm_head and the MoE router:
+                 self_attn.{q,k,v,o}_proj, each expert's fused gate|up projection and its down
+                 projection, and {gate,up,down}_proj of dense MLP layers (none in the released model)
+    a comma list of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (dense MLP
+                 layers) and `experts` (every expert's gate|up and down projections)
+
+Experts keep their weights stacked ([E, out, in]) and so does their LoRA: A [E, r, in],
+B [E, out, r], applied inside the grouped expert loop to the tokens routed to each expert.
+The expert gate and up projections are one fused map ([E, 2*I, H], gate rows first, as in
+transformers 5 and PEFT), so they share one LoRA pair; this is exactly PEFT's
+`target_parameters` LoRA on `experts.gate_up_proj`, which makes the adapter loadable by PEFT.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_qwen3omni import MLP, Attention, Experts, Thinker, non_text_tensors, save_released
+
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = LINEAR_TARGETS + ("experts",)
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+def _init_lora_A_(A: torch.Tensor, generator=None):
+    """PEFT's default: kaiming_uniform_(a=sqrt(5)) on each [r, in] matrix, i.e. U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(A.shape[-1])
+    with torch.no_grad():
+        A.uniform_(-bound, bound, generator=generator)
+
+
+class LoRABranch(nn.Module):
+    """The low-rank path of one linear map. Its own module so that, under ZeRO-3, its weights are
+    gathered only when it runs: with LoRA switched off it is never called and never gathered."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float, generator=None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        _init_lora_A_(self.A, generator)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return (self.dropout(x) @ self.A.T) @ self.B.T * self.scaling
+
+    def delta_weight(self):  # [out, in]
+        return (self.B.float() @ self.A.float()) * self.scaling
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight`, same name) plus a switchable LoRA branch."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator=None):
+        nn.Module.__init__(self)  # reuse base's weight instead of allocating a new one
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, None
+        self.lora = LoRABranch(self.in_features, self.out_features, rank, alpha, dropout, generator)
+        self.lora_enabled, self.merged = True, False
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.lora_enabled and not self.merged:
+            y = y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
+        return y
+
+
+class LoRAExperts(Experts):
+    """Stacked experts with per-expert LoRA on the fused gate|up and on the down projections."""
+
+    def __init__(self, base: Experts, rank: int, alpha: float, dropout: float, generator=None):
+        nn.Module.__init__(self)
+        self.num_experts, self.hidden, self.inter = base.num_experts, base.hidden, base.inter
+        self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj
+        E, H, I = self.num_experts, self.hidden, self.inter
+        self.lora_gate_up_A = nn.Parameter(torch.empty(E, rank, H))
+        self.lora_gate_up_B = nn.Parameter(torch.zeros(E, 2 * I, rank))
+        self.lora_down_A = nn.Parameter(torch.empty(E, rank, I))
+        self.lora_down_B = nn.Parameter(torch.zeros(E, H, rank))
+        for A in (self.lora_gate_up_A, self.lora_down_A):
+            _init_lora_A_(A, generator)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+        self.lora_enabled, self.merged = True, False
+
+    def project(self, x, e: int, which: str):
+        y = x @ getattr(self, which)[e].T
+        if self.lora_enabled and not self.merged:
+            A, B = getattr(self, f"lora_{which[:-5]}_A")[e], getattr(self, f"lora_{which[:-5]}_B")[e]
+            y = y + ((self.dropout(x.to(A.dtype)) @ A.T) @ B.T * self.scaling).to(y.dtype)
+        return y
+
+    def delta_weight(self, which: str):  # [E, out, in]
+        A, B = getattr(self, f"lora_{which[:-5]}_A"), getattr(self, f"lora_{which[:-5]}_B")
+        return torch.bmm(B.float(), A.float()) * self.scaling
+
+
+# ----------------------------------------------------------------------------------------------
+# Injection
+
+
+@dataclass
+class LoraSummary:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    wrapped: int  # modules that got LoRA
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def __str__(self):
+        return (f"LoRA r={self.rank} alpha={self.alpha:g} dropout={self.dropout:g} on {', '.join(self.targets)} "
+                f"({self.wrapped} modules): trainable {self.trainable:,} / {self.total:,} params "
+                f"({self.percent:.4f}%)")
+
+
+def parse_targets(targets: str) -> tuple[str, ...]:
+    if targets.strip().upper() in ("ALL", "ALL-LINEAR"):
+        return ALL_TARGETS
+    names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    unknown = [n for n in names if n not in ALL_TARGETS]
+    if unknown or not names:
+        raise ValueError(f"--lora_target_modules {targets!r}: unknown target(s) {unknown}; "
+                         f"use ALL or a comma list of {', '.join(ALL_TARGETS)}")
+    return names
+
+
+def lora_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts))]
+
+
+def inject_lora(model: Thinker, rank: int = 8, alpha: float = 16, dropout: float = 0.05, targets: str = "ALL",
+                seed: int = 0) -> LoraSummary:
+    """Add LoRA to `model` in place, freeze everything else. A is drawn from `seed` (the same on
+    every rank), B is zero, so the student starts exactly equal to the base."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be > 0, got {rank}")
+    names = parse_targets(targets)
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for parent in list(model.modules()):
+        if isinstance(parent, (Attention, MLP)):
+            for child in LINEAR_TARGETS:
+                base = getattr(parent, child, None)
+                if child in names and isinstance(base, nn.Linear) and not isinstance(base, LoRALinear):
+                    setattr(parent, child, LoRALinear(base, rank, alpha, dropout, generator).to(base.weight.device))
+                    wrapped += 1
+        elif "experts" in names and type(getattr(parent, "experts", None)) is Experts:
+            base = parent.experts
+            parent.experts = LoRAExperts(base, rank, alpha, dropout, generator).to(base.gate_up_proj.device)
+            wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"--lora_target_modules {targets!r} matched no module of this model")
+    trainable = sum(p.numel() for n, p in model.named_parameters() if _is_lora_name(n))
+    for n, p in model.named_parameters():
+        p.requires_grad_(_is_lora_name(n))
+    total = sum(_numel(p) for p in model.parameters())
+    return LoraSummary(rank, alpha, dropout, names, wrapped, trainable, total)
+
+
+def _numel(p):
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def _is_lora_name(name: str) -> bool:
+    return ".lora." in name or ".lora_" in name
+
+
+def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if _is_lora_name(n)]
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Under this context the model computes exactly the base model: every LoRA branch is
+    skipped (not run, not gathered). Nesting is safe: each exit restores what it found."""
+    modules = lora_modules(model)
+    if any(m.merged for m in modules):
+        raise RuntimeError("lora_disabled: LoRA is merged into the base weights; call unmerge_lora first")
+    before = [m.lora_enabled for m in modules]
+    for m in modules:
+        m.lora_enabled = False
+    try:
+        yield model
+    finally:
+        for m, state in zip(modules, before):
+            m.lora_enabled = state
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging
+
+
+def _merge(model: nn.Module, sign: float, want_merged: bool):
+    with torch.no_grad():
+        for m in lora_modules(model):
+            if m.merged == want_merged:
+                continue
+            if isinstance(m, LoRALinear):
+                m.weight.add_((sign * m.lora.delta_weight()).to(m.weight.dtype))
+            else:
+                for which in ("gate_up_proj", "down_proj"):
+                    w = getattr(m, which)
+                    w.add_((sign * m.delta_weight(which)).to(w.dtype))
+            m.merged = want_merged
+
+
+def merge_lora(model: nn.Module):
+    """Fold LoRA into the base weights (fast inference). Exact in fp32; in bf16 the merged
+    weights are rounded, so unmerge_lora gives the base back only up to that rounding."""
+    _merge(model, 1.0, True)
+
+
+def unmerge_lora(model: nn.Module):
+    _merge(model, -1.0, False)
+
+
+def merged_state(model: Thinker):
+    """(name, tensor) pairs of the base weights with LoRA folded in, one tensor at a time, without
+    touching the model; names are the plain thinker's."""
+    owners = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            owners[f"{name}.weight"] = (m, None)
+        elif isinstance(m, LoRAExperts):
+            owners[f"{name}.gate_up_proj"] = (m, "gate_up_proj")
+            owners[f"{name}.down_proj"] = (m, "down_proj")
+    for name, p in model.named_parameters():
+        if _is_lora_name(name):
+            continue
+        m, which = owners.get(name, (None, None))
+        if m is None or m.merged:
+            yield name, p.detach()
+        else:
+            delta = m.lora.delta_weight() if which is None else m.delta_weight(which)
+            yield name, (p.detach().float() + delta).to(p.dtype)
+
+
+def export_merged(model: Thinker, path: str, dtype=torch.bfloat16, base_path: str | None = None):
+    """Write base + LoRA as a plain checkpoint in the released layout, which transformers loads.
+    With `base_path` (the model LoRA was trained on) the export is the complete model: its
+    config.json, its tokenizer files and its audio/vision/talker tensors are carried over."""
+    config, extra = None, ()
+    if base_path is not None:
+        with open(os.path.join(base_path, "config.json")) as f:
+            config = json.load(f)
+        extra = non_text_tensors(base_path)
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(base_path):
+            if name not in ("config.json", "model.safetensors.index.json") and not name.endswith(".safetensors"):
+                src = os.path.join(base_path, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(path, name))
+    save_released(model.cfg, merged_state(model), path, dtype=dtype, extra=extra, config=config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter files: PEFT's layout for transformers' Qwen3OmniMoeThinkerForConditionalGeneration
+
+_PEFT_PREFIX = "base_model.model.model.language_model."
+
+
+def _peft_entries(model: Thinker):
+    """(peft key, our parameter, to_peft, from_peft) for every LoRA tensor.
+
+    PEFT stores a Linear's LoRA as lora_A.weight [r, in] and lora_B.weight [out, r] (ours too).
+    For stacked experts (`target_parameters`) it uses one Linear over all experts:
+    lora_A.weight [E*r, in] (expert-major) and lora_B.weight [out, r*E] (rank-major), and when
+    two parameters of the experts module are targeted the first one sits under `base_layer.`.
+    """
+    entries = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            for ab in ("A", "B"):
+                p = getattr(m.lora, ab)
+                entries.append((f"{_PEFT_PREFIX}{name}.lora_{ab}.weight", p, lambda t: t, lambda t: t))
+        elif isinstance(m, LoRAExperts):
+            for which, sub in (("gate_up", "base_layer."), ("down", "")):
+                A, B = getattr(m, f"lora_{which}_A"), getattr(m, f"lora_{which}_B")
+                E, r = A.shape[0], A.shape[1]
+                stem = f"{_PEFT_PREFIX}{name}.{sub}"
+                entries.append((stem + "lora_A.weight", A,
+                                lambda t: t.reshape(-1, t.shape[-1]),  # [E, r, in] -> [E*r, in]
+                                lambda t, E=E, r=r: t.reshape(E, r, -1)))
+                entries.append((stem + "lora_B.weight", B,
+                                lambda t: t.permute(1, 2, 0).reshape(t.shape[1], -1),  # [E, out, r] -> [out, r*E]
+                                lambda t, E=E, r=r: t.reshape(t.shape[0], r, E).permute(2, 0, 1)))
+    return entries
+
+
+def _adapter_config(model: Thinker) -> dict:
+    modules = lora_modules(model)
+    first = modules[0]
+    scaling = first.lora.scaling if isinstance(first, LoRALinear) else first.scaling
+    rank = first.lora.A.shape[0] if isinstance(first, LoRALinear) else first.lora_gate_up_A.shape[1]
+    dropout = (first.lora.dropout if isinstance(first, LoRALinear) else first.dropout).p
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    has_experts = any(isinstance(m, LoRAExperts) for m in modules)
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+        "r": rank, "lora_alpha": scaling * rank,
+        # PEFT refuses dropout on stacked-expert LoRA; dropout only acts in training, so the file
+        # says 0 and the training value is kept under "selfkd" below.
+        "lora_dropout": 0.0 if has_experts else dropout,
+        "target_modules": rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(linear)})$" if linear else None,
+        # PEFT 0.21 on transformers 5 still matches the audio tower's q/k/v against the regex
+        # above (its weight-conversion renaming); excluding the towers keeps them base-only.
+        "exclude_modules": r".*(audio_tower|visual)\..*",
+        "target_parameters": ["experts.gate_up_proj", "experts.down_proj"] if has_experts else None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "inference_mode": True, "modules_to_save": None,
+        "selfkd": {"rank": rank, "alpha": scaling * rank, "dropout": dropout,
+                   "targets": linear + (["experts"] if has_experts else [])},
+    }
+
+
+def _gathered(params):
+    """Under ZeRO-3 the LoRA weights are partitioned: gather just them (never the base)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _is_rank0():
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def save_adapter(model: Thinker, path: str):
+    """adapter_model.safetensors + adapter_config.json, readable by peft.PeftModel.from_pretrained
+    on transformers' Qwen3-Omni thinker. Gathers only LoRA weights; rank 0 writes."""
+    from safetensors.torch import save_file
+
+    entries = _peft_entries(model)
+    with _gathered([p for _, p, _, _ in entries]):
+        tensors = {k: to_peft(p.detach()).contiguous().cpu().clone() for k, p, to_peft, _ in entries}
+    if _is_rank0():
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+            json.dump(_adapter_config(model), f, indent=2)
+
+
+def load_adapter(model: Thinker, path: str):
+    """Load an adapter written by save_adapter into a model with the same LoRA layout."""
+    from safetensors import safe_open
+
+    file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path!r}")
+    entries = _peft_entries(model)
+    if not entries:
+        raise ValueError("load_adapter: the model has no LoRA layers; call inject_lora first")
+    with safe_open(file, framework="pt") as f:
+        on_disk = set(f.keys())
+        expected = {k for k, _, _, _ in entries}
+        if on_disk != expected:
+            missing, extra = sorted(expected - on_disk), sorted(on_disk - expected)
+            raise KeyError(f"{file}: adapter does not fit this model's LoRA targets: "
+                           f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, "
+                           f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}")
+        with _gathered([p for _, p, _, _ in entries]):
+            for key, p, to_peft, from_peft in entries:
+                t = f.get_tensor(key)
+                want = tuple(to_peft(torch.empty(p.ds_shape if hasattr(p, "ds_shape") else p.shape,
+                                                 device="meta")).shape)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected {want} "
+                                     "(different LoRA rank or model size?)")
+                if _is_rank0() or not hasattr(p, "ds_id"):
+                    with torch.no_grad():
+                        p.copy_(from_peft(t).to(p.dtype))
