@@ -187,6 +187,11 @@ def _numel(p):
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
+def _shape(p) -> tuple:
+    """The full shape, also of a ZeRO-3-partitioned parameter (whose .shape is empty)."""
+    return tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+
+
 def _is_lora_name(name: str) -> bool:
     return ".lora." in name or ".lora_" in name
 
@@ -302,7 +307,7 @@ def _peft_entries(model: Thinker):
         elif isinstance(m, LoRAExperts):
             for which, sub in (("gate_up", "base_layer."), ("down", "")):
                 A, B = getattr(m, f"lora_{which}_A"), getattr(m, f"lora_{which}_B")
-                E, r = A.shape[0], A.shape[1]
+                E, r = _shape(A)[0], _shape(A)[1]
                 stem = f"{_PEFT_PREFIX}{name}.{sub}"
                 entries.append((stem + "lora_A.weight", A,
                                 lambda t: t.reshape(-1, t.shape[-1]),  # [E, r, in] -> [E*r, in]
@@ -317,7 +322,7 @@ def _adapter_config(model: Thinker) -> dict:
     modules = lora_modules(model)
     first = modules[0]
     scaling = first.lora.scaling if isinstance(first, LoRALinear) else first.scaling
-    rank = first.lora.A.shape[0] if isinstance(first, LoRALinear) else first.lora_gate_up_A.shape[1]
+    rank = _shape(first.lora.A)[0] if isinstance(first, LoRALinear) else _shape(first.lora_gate_up_A)[1]
     dropout = (first.lora.dropout if isinstance(first, LoRALinear) else first.dropout).p
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
     has_experts = any(isinstance(m, LoRAExperts) for m in modules)
@@ -390,8 +395,7 @@ def load_adapter(model: Thinker, path: str):
         with _gathered([p for _, p, _, _ in entries]):
             for key, p, to_peft, from_peft in entries:
                 t = f.get_tensor(key)
-                want = tuple(to_peft(torch.empty(p.ds_shape if hasattr(p, "ds_shape") else p.shape,
-                                                 device="meta")).shape)
+                want = tuple(to_peft(torch.empty(_shape(p), device="meta")).shape)
                 if tuple(t.shape) != want:
                     raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, expected {want} "
                                      "(different LoRA rank or model size?)")

@@ -575,10 +575,10 @@ def save_released(cfg: ThinkerConfig, named, path: str, dtype=torch.bfloat16, ma
 
 
 def write_random_checkpoint(cfg: ThinkerConfig, path: str, seed: int = 0, dtype=torch.float32,
-                            max_shard_bytes: int = 2 * 2**30) -> str:
+                            max_shard_bytes: int = 2 * 2**30, std: float = 0.02) -> str:
     """A randomly initialised thinker in the released layout (`thinker.` prefix, per-expert keys)."""
     model = Thinker(cfg)
-    init_random_(model, seed)
+    init_random_(model, seed, std)
     save_released(cfg, model.state_dict().items(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
     return path
 

@@ -1,0 +1,1276 @@
+"""selfkd: GKD LoRA self-distillation for the Qwen3-Omni thinker on raw DeepSpeed ZeRO-3.
+
+The student is the base model + LoRA (trainable); the teacher is the SAME base model with the
+LoRA adapters switched off (frozen, no second copy). Each step, with probability `lmbda`, the
+student samples the completion (on-policy); otherwise the dataset completion is used. The loss
+is the generalized Jensen-Shannon divergence between teacher and student next-token
+distributions on the completion tokens.
+
+The file reads top to bottom:
+  1. config / flags      parse_args(argv) -> Config, accepting the ms-swift `swift rlhf` flags
+  2. loss                generalized_jsd, chunked_generalized_jsd, sft_loss_sum
+  3. sampling filters    filter_logits, sample_next
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import MISSING, dataclass, field, fields
+from datetime import timedelta
+from typing import NoReturn
+
+import torch
+import torch.nn.functional as F
+
+from data import (Batch, DataError, collate, encode_examples, join_prompt_completion, load_dataset_specs,
+                  load_tokenizer, write_tiny_tokenizer)
+from lora import inject_lora, load_adapter, lora_disabled, lora_parameters, save_adapter
+from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_weights,
+                             resolve_dtype, write_random_checkpoint)
+
+# ----------------------------------------------------------------------------------------------
+# 1. Config / flags
+# ----------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A bad command line. `main` prints it as one line and exits with code 2."""
+
+
+def fail(msg: str) -> NoReturn:
+    print(f"selfkd: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_bool(text: str) -> bool:
+    """ms-swift style booleans: true/false/1/0, any case."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true/false/1/0, got {text!r}")
+    return value
+
+
+def parse_optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "null") else int(text)
+
+
+# --deepspeed presets; anything else must be a DeepSpeed JSON config file.
+DEEPSPEED_PRESETS = ("zero3", "zero3_offload", "zero2")
+
+
+def _flag(default, help: str, type=None, aliases: tuple[str, ...] = (), **argparse_kwargs):
+    """A Config field that is also a command-line flag `--<field name>`.
+
+    `type` is the argparse converter; it defaults to type(default) (bool gets parse_bool, a
+    list default becomes nargs='+' of str).
+    """
+    meta = dict(help=help, type=type, aliases=aliases, argparse=argparse_kwargs)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # --- what to train (ms-swift flags) ---
+    rlhf_type: str = _flag("gkd", "training algorithm; selfkd implements only 'gkd'")
+    model: str | None = _flag(None, "base model directory (None: the embedded default)", type=str)
+    teacher_model: str | None = _flag(
+        None,
+        "must be omitted or the same path as --model: the teacher is the base model with LoRA "
+        "disabled, no second model is loaded",
+        type=str,
+    )
+    train_type: str = _flag(
+        "lora", "must be 'lora' (the teacher is the base with LoRA off)", aliases=("--tuner_type",)
+    )
+    torch_dtype: str = _flag(
+        "bfloat16", "model dtype: bfloat16, or float32 for CPU debugging (float16 is rejected)"
+    )
+    lora_rank: int = _flag(8, "LoRA rank r")
+    lora_alpha: int = _flag(32, "LoRA alpha; the adapter output is scaled by alpha / r")
+    lora_dropout: float = _flag(0.05, "dropout on the LoRA input, in [0, 1)")
+    lora_target_modules: list[str] = _flag(
+        ["all-linear"],
+        "modules that get LoRA ('ALL' / 'all-linear': every linear layer of the thinker's LLM)",
+        aliases=("--target_modules",),
+    )
+    # --- data ---
+    dataset: list[str] = _flag(
+        [], "one or more datasets, 'path' or 'path#N' (take N rows); required"
+    )
+    split_dataset_ratio: float = _flag(0.01, "fraction of rows held out for evaluation, in [0, 1)")
+    max_length: int = _flag(2048, "max prompt + completion tokens")
+    max_completion_length: int = _flag(512, "max completion tokens (sampled or from the dataset)")
+    dataloader_num_workers: int = _flag(
+        0,
+        "accepted for ms-swift compatibility; selfkd tokenizes the whole dataset up front in the "
+        "main process and batches from memory, so no worker processes are started",
+    )
+    dataset_num_proc: int = _flag(
+        1, "accepted for ms-swift compatibility; tokenization runs in-process, single-threaded"
+    )
+    # --- GKD ---
+    seq_kd: bool = _flag(
+        False, "when a step is not on-policy, the teacher (LoRA off) generates the completion "
+        "instead of taking the dataset's"
+    )
+    lmbda: float = _flag(0.5, "probability that a step is on-policy (the student samples), in [0, 1]")
+    temperature: float = _flag(
+        0.9, "sampling temperature, also applied to both sides of the loss (ms-swift semantics)"
+    )
+    beta: float = _flag(
+        0.5, "JSD interpolation in [0, 1]: 0 = forward KL(teacher||student), 1 = reverse KL"
+    )
+    sft_alpha: float = _flag(
+        0.0, "weight of an added cross-entropy term on dataset (not student-sampled) completions"
+    )
+    top_k: int = _flag(0, "sampling: keep the k most likely tokens (0 = off)")
+    top_p: float = _flag(1.0, "sampling: nucleus mass in (0, 1] (1 = off)")
+    teacher_system: str | None = _flag(
+        None, "system prompt that only the teacher sees (breaks the student == teacher fixed point)",
+        type=str,
+    )
+    teacher_sees_reference: bool = _flag(
+        False, "show the teacher the dataset's reference answer in its prompt (teacher only)"
+    )
+    skip_bad_rows: bool = _flag(
+        False, "skip dataset rows that cannot be parsed or do not fit, instead of failing"
+    )
+    # --- optimisation ---
+    num_train_epochs: float = _flag(3.0, "epochs over the training split (ignored if --max_steps > 0)")
+    max_steps: int = _flag(-1, "optimizer steps to run; -1 = from --num_train_epochs")
+    per_device_train_batch_size: int = _flag(1, "training rows per GPU per micro-step")
+    per_device_eval_batch_size: int = _flag(1, "evaluation rows per GPU")
+    gradient_accumulation_steps: int = _flag(1, "micro-steps per optimizer step")
+    learning_rate: float = _flag(1e-4, "peak AdamW learning rate")
+    lr_scheduler_type: str = _flag(
+        "cosine", "learning-rate schedule after warmup", choices=("cosine", "linear", "constant")
+    )
+    warmup_ratio: float = _flag(0.0, "fraction of the optimizer steps spent in linear warmup")
+    weight_decay: float = _flag(0.0, "AdamW weight decay")
+    adam_beta1: float = _flag(0.9, "AdamW beta1")
+    adam_beta2: float = _flag(0.999, "AdamW beta2")
+    adam_epsilon: float = _flag(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _flag(1.0, "gradient clipping norm (0 = no clipping)")
+    ddp_timeout: int = _flag(
+        1800, "seconds a collective may wait for the other ranks before the run fails (a dead rank "
+        "then ends the job instead of hanging it)"
+    )
+    max_nonfinite_steps: int = _flag(
+        5, "abort after this many consecutive steps with a non-finite loss or gradient"
+    )
+    seed: int = _flag(42, "seed for initialisation, data order and the on-policy draws")
+    # --- system ---
+    deepspeed: str = _flag(
+        "zero3",
+        "zero3 | zero3_offload (params + optimizer on CPU) | zero2 | path/to/config.json. "
+        "selfkd always runs on DeepSpeed, so the default is zero3 rather than 'none'",
+    )
+    attn_impl: str = _flag(
+        "sdpa",
+        "recorded for ms-swift compatibility: selfkd always calls torch's "
+        "scaled_dot_product_attention, which picks FlashAttention kernels on GPU by itself",
+        choices=("flash_attention_2", "sdpa", "eager"),
+    )
+    gradient_checkpointing: bool = _flag(True, "recompute decoder layers in backward to save memory")
+    gather_for_generation: bool = _flag(
+        True,
+        "gather the ZeRO-3 weights once per generation instead of at every decode step "
+        "(much faster; costs one full bf16 copy of the model per GPU)",
+    )
+    # --- outputs ---
+    output_dir: str = _flag("output", "where checkpoints and logs go")
+    eval_steps: int = _flag(500, "evaluate every N optimizer steps")
+    save_steps: int = _flag(500, "save every N optimizer steps")
+    save_total_limit: int | None = _flag(
+        None, "keep at most N checkpoints (None = keep all)", type=parse_optional_int
+    )
+    logging_steps: int = _flag(5, "log every N optimizer steps")
+    save_only_model: bool = _flag(
+        False, "true: write only the LoRA adapter; false: also optimizer, scheduler and RNG state "
+        "so that --resume_from_checkpoint continues exactly"
+    )
+    resume_from_checkpoint: str | None = _flag(
+        None, "checkpoint directory, or 'latest' (newest in --output_dir)", type=str
+    )
+
+    def describe(self) -> str:
+        """The resolved config as aligned `key: value` lines."""
+        width = max(len(f.name) for f in fields(self)) + 1
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                value = " ".join(value)
+            lines.append(f"{f.name + ':':<{width}} {value}")
+        return "\n".join(lines)
+
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended settings, for the start-up print."""
+        out = []
+        if not (self.teacher_system or self.teacher_sees_reference or self.sft_alpha > 0
+                or self.resume_from_checkpoint):
+            out.append(
+                "the teacher sees exactly what the student sees and the LoRA starts at B = 0, so "
+                "student == teacher: the divergence and its gradient are exactly 0 and training "
+                "cannot move. Give the teacher privileged context (--teacher_system, "
+                "--teacher_sees_reference), add --sft_alpha > 0, or resume from a trained adapter."
+            )
+        return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors raise ConfigError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog="selfkd",
+        description="GKD LoRA self-distillation (teacher = base model with LoRA off).",
+        allow_abbrev=False,  # '--lr' must not silently mean '--lr_scheduler_type'
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in fields(Config):
+        meta = f.metadata
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kwargs = dict(meta["argparse"])
+        convert = meta["type"] or type(default)
+        if convert is bool:
+            # '--flag' alone means true, as in HfArgumentParser / ms-swift
+            kwargs.update(type=parse_bool, nargs="?", const=True, metavar="{true,false}")
+        elif isinstance(default, list):
+            kwargs.update(type=str, nargs="+")
+        else:
+            kwargs.update(type=convert)
+        parser.add_argument(
+            f"--{f.name}", *meta["aliases"], dest=f.name, default=default, help=meta["help"],
+            **kwargs,
+        )
+    parser.add_argument(
+        "--local_rank", type=int, default=-1,
+        help="accepted and ignored: the deepspeed launcher passes it; selfkd reads LOCAL_RANK",
+    )
+    return parser
+
+
+def _unknown_flags_message(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    known = [s for action in parser._actions for s in action.option_strings]
+    flags = [e.split("=", 1)[0] for e in extras if e.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s) {' '.join(extras)!r}: every value must follow a --flag"
+    parts = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        parts.append(f"unknown flag {flag}{hint}")
+    return "; ".join(parts)
+
+
+def _same_path(a: str, b: str) -> bool:
+    norm = lambda p: os.path.normcase(os.path.realpath(os.path.expanduser(p)))  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def _check(ok: bool, flag: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{flag} {value}: {rule}")
+
+
+def _validate(c: Config) -> None:
+    """Every check that needs no model, data or GPU, so a bad flag fails in milliseconds."""
+    _check(c.rlhf_type == "gkd", "rlhf_type", c.rlhf_type, "selfkd implements only 'gkd'")
+    _check(
+        c.train_type == "lora", "train_type", c.train_type,
+        "GKD requires the model to have LoRA adapters: selfkd's teacher is the base model with "
+        "LoRA disabled, so LoRA is required; use --train_type lora",
+    )
+    if c.teacher_model is not None:
+        _check(
+            c.model is not None, "teacher_model", c.teacher_model,
+            "needs --model as well (the teacher is --model with LoRA disabled)",
+        )
+        _check(
+            _same_path(c.teacher_model, c.model), "teacher_model", c.teacher_model,
+            f"differs from --model {c.model}. selfkd's teacher is the base model with LoRA "
+            "disabled (no second model is loaded); omit --teacher_model or pass the same path",
+        )
+    _check(
+        c.torch_dtype != "float16", "torch_dtype", c.torch_dtype,
+        "not supported: the Qwen3-Omni weights are bf16 and fp16 training would need loss "
+        "scaling and risks overflow; use bfloat16 (or float32 for CPU debugging)",
+    )
+    _check(c.torch_dtype in ("bfloat16", "float32"), "torch_dtype", c.torch_dtype,
+           "expected bfloat16 or float32")
+    _check(c.lora_rank > 0, "lora_rank", c.lora_rank, "must be > 0")
+    _check(c.lora_alpha > 0, "lora_alpha", c.lora_alpha, "must be > 0")
+    _check(0 <= c.lora_dropout < 1, "lora_dropout", c.lora_dropout, "must be in [0, 1)")
+    _check(len(c.dataset) > 0, "dataset", "(missing)", "at least one dataset is required")
+    _check(0 <= c.split_dataset_ratio < 1, "split_dataset_ratio", c.split_dataset_ratio,
+           "must be in [0, 1)")
+    _check(c.max_length > 0, "max_length", c.max_length, "must be > 0")
+    _check(0 < c.max_completion_length < c.max_length, "max_completion_length",
+           c.max_completion_length, f"must be > 0 and < --max_length ({c.max_length}), "
+           "leaving room for the prompt")
+    _check(c.dataloader_num_workers >= 0, "dataloader_num_workers", c.dataloader_num_workers,
+           "must be >= 0")
+    _check(c.dataset_num_proc >= 1, "dataset_num_proc", c.dataset_num_proc, "must be >= 1")
+    _check(0 <= c.lmbda <= 1, "lmbda", c.lmbda, "must be in [0, 1] (a probability)")
+    _check(0 <= c.beta <= 1, "beta", c.beta, "must be in [0, 1]")
+    _check(c.temperature > 0, "temperature", c.temperature, "must be > 0")
+    _check(c.sft_alpha >= 0, "sft_alpha", c.sft_alpha, "must be >= 0")
+    _check(c.top_k >= 0, "top_k", c.top_k, "must be >= 0 (0 = off)")
+    _check(0 < c.top_p <= 1, "top_p", c.top_p, "must be in (0, 1] (1 = off)")
+    _check(c.num_train_epochs > 0, "num_train_epochs", c.num_train_epochs, "must be > 0")
+    _check(c.max_steps == -1 or c.max_steps > 0, "max_steps", c.max_steps,
+           "must be > 0, or -1 to derive it from --num_train_epochs")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "eval_steps", "save_steps", "logging_steps",
+                 "max_nonfinite_steps", "ddp_timeout"):
+        _check(getattr(c, name) > 0, name, getattr(c, name), "must be > 0")
+    _check(c.learning_rate > 0, "learning_rate", c.learning_rate, "must be > 0")
+    _check(0 <= c.warmup_ratio <= 1, "warmup_ratio", c.warmup_ratio, "must be in [0, 1]")
+    _check(c.weight_decay >= 0, "weight_decay", c.weight_decay, "must be >= 0")
+    _check(0 <= c.adam_beta1 < 1, "adam_beta1", c.adam_beta1, "must be in [0, 1)")
+    _check(0 <= c.adam_beta2 < 1, "adam_beta2", c.adam_beta2, "must be in [0, 1)")
+    _check(c.adam_epsilon > 0, "adam_epsilon", c.adam_epsilon, "must be > 0")
+    _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "must be >= 0 (0 = no clipping)")
+    _check(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit",
+           c.save_total_limit, "must be >= 1, or None to keep every checkpoint")
+    if c.deepspeed not in DEEPSPEED_PRESETS:
+        _check(c.deepspeed.endswith(".json") and os.path.isfile(c.deepspeed), "deepspeed",
+               c.deepspeed, f"expected one of {', '.join(DEEPSPEED_PRESETS)} or an existing "
+               ".json config file")
+        try:
+            with open(c.deepspeed) as fh:
+                ok = isinstance(json.load(fh), dict)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--deepspeed {c.deepspeed}: cannot read it as JSON ({e})") from e
+        _check(ok, "deepspeed", c.deepspeed, "the JSON file must hold an object")
+    if c.resume_from_checkpoint not in (None, "latest"):
+        _check(os.path.isdir(c.resume_from_checkpoint), "resume_from_checkpoint",
+               c.resume_from_checkpoint, "no such directory (or pass 'latest')")
+
+
+def parse_args(argv: list[str]) -> Config:
+    """Command line -> validated Config. Raises ConfigError naming the offending flag."""
+    parser = _build_parser()
+    namespace, extras = parser.parse_known_args(argv)
+    if extras:
+        raise ConfigError(_unknown_flags_message(extras, parser))
+    values = vars(namespace)
+    values.pop("local_rank")
+    config = Config(**values)
+    _validate(config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Loss
+# ----------------------------------------------------------------------------------------------
+#
+# Generalized JSD (Agarwal et al. 2024), P = teacher, Q = student, per token over the vocab:
+#   M = beta*P + (1-beta)*Q,  JSD_beta = beta*KL(P||M) + (1-beta)*KL(Q||M)
+#   beta = 0 -> forward KL(P||Q), beta = 1 -> reverse KL(Q||P) (the formula is 0 at both ends).
+# Temperature: both logit sets are divided by T before log_softmax, as ms-swift does (TRL's
+# trainer calls its loss at T = 1 and uses T only for sampling). Gradients get the 1/T factor.
+#
+# Numerics. Everything is computed in (at least) fp32. Instead of the usual
+# sum p*(log p - log m), which subtracts nearly equal logs and can come out slightly negative
+# (ms-swift logged a negative JSD in bf16), each KL is summed from terms that are each >= 0:
+#   KL(X||Y) = sum_v x*phi(r),  r = log(y/x),  phi(r) = e^r - 1 - r >= 0
+# (the added sum(y - x) is 0 for two distributions). All ratios are built from
+# d = log Q - log P, which is exactly 0 where student and teacher agree, so at the
+# self-distillation fixed point (identical logits) the loss and its gradient are exactly 0.
+#
+# Gradients. The gradient w.r.t. the student logits z has a closed form (q = softmax(z / T)),
+# exactly 0 where d == 0:
+#   beta = 0:      dL/dz = (q - p) / T
+#   beta = 1:      dL/dz = q * (d - KL(Q||P)) / T
+#   0 < beta < 1:  dL/dz = -(1-beta) * q * (log(M/Q) + KL(Q||M)) / T
+# so the losses compute it in the same pass as the value and hand it to autograd through
+# _PrecomputedGrad, instead of letting autograd save the [rows, V] intermediates (or
+# recomputing them under torch.utils.checkpoint). The chunked versions keep only the gradient
+# w.r.t. the hidden states [N, H], and their backward does not touch lm_head at all (under
+# ZeRO-3 it need not be gathered a second time).
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) in at least fp32. [c, V] -> [c, V]"""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    if temperature == 1.0:
+        return torch.log_softmax(logits, dim=-1, dtype=dtype)
+    x = logits.to(dtype, copy=True).div_(temperature)  # own copy, so scale it in place
+    return torch.log_softmax(x, dim=-1)
+
+
+def _kl_terms(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x*phi(r) = x*log(x/y) - x + y elementwise, given r = log(y/x): every term >= 0.
+
+    x*phi(r) is accurate and exactly 0 at r = 0 (rounding keeps expm1(r) >= r), but e^r
+    overflows for large r (x ~ 0, y not); there y - x*(1+r) is used: y > e*x, no cancellation.
+    """
+    small = torch.expm1(r).sub_(r).mul_(x)
+    large = torch.addcmul(y, x, r, value=-1).sub_(x)
+    return torch.where(r > 1, large, small, out=small)
+
+
+def _log_mix_ratios(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log(M/P), log(M/Q)) for d = log(Q/P), M = beta*P + (1-beta)*Q, 0 < beta < 1.
+
+    With L = log1p(c * expm1(-|d|)), c = 1-beta where d <= 0 and c = beta where d > 0:
+      log(M/P) = L + relu(d),   log(M/Q) = L + relu(-d).
+    Nothing overflows, small d keeps its relative precision (no log-minus-log cancellation),
+    and both are exactly 0 where d == 0. The clamp to L's lower bound only matters when
+    beta or 1-beta is below fp32 resolution (c would round to 1 and L to -inf).
+    Overwrites d (saves a [c, V] allocation).
+    """
+    c = torch.where(d > 0, d.new_tensor(beta), d.new_tensor(1.0 - beta))
+    L = d.abs().neg_().expm1_().mul_(c).log1p_().clamp_(min=math.log(min(beta, 1.0 - beta)))
+    log_m_over_p = d.clamp(min=0).add_(L)
+    return log_m_over_p, L.sub_(d.clamp_(max=0))
+
+
+def _jsd_rows(student_logits, teacher_logits, beta: float, temperature: float, need_grad: bool):
+    """Generalized JSD summed over rows -> (loss_sum [], dL/d student_logits [c, V] or None)."""
+    lq = _log_probs(student_logits, temperature)  # [c, V] student log-probs
+    lp = _log_probs(teacher_logits, temperature)  # [c, V] teacher log-probs
+    d = lq - lp  # [c, V] log(Q/P)
+    q, p = lq.exp_(), lp.exp_()  # probabilities, in place: the logs are no longer needed
+    del lq, lp
+    inv_t = 1.0 / temperature  # chain rule through z / T, folded into the last multiply
+    grad = None
+    if beta == 0.0:  # forward KL(P||Q)
+        loss = _kl_terms(p, q, d).sum()
+        if need_grad:
+            grad = q.sub_(p).mul_(inv_t)  # (q - p) / T
+    elif beta == 1.0:  # reverse KL(Q||P)
+        r = d.neg_()  # [c, V] log(P/Q)
+        kl = _kl_terms(q, p, r).sum(-1, keepdim=True)  # [c, 1]
+        loss = kl.sum()
+        if need_grad:
+            grad = r.add_(kl).mul_(q).mul_(-inv_t)  # q * (d - KL) / T
+    else:
+        m = torch.lerp(q, p, beta)  # [c, V] beta*p + (1-beta)*q
+        u, v = _log_mix_ratios(d, beta)  # [c, V] log(M/P), log(M/Q); d is used up
+        del d
+        kl_pm = _kl_terms(p, m, u).sum()
+        del u, p  # free [c, V] buffers before the next temporaries
+        kl_qm = _kl_terms(q, m, v).sum(-1, keepdim=True)  # [c, 1]
+        del m
+        loss = beta * kl_pm + (1 - beta) * kl_qm.sum()
+        if need_grad:
+            grad = v.add_(kl_qm).mul_(q).mul_(-(1 - beta) * inv_t)
+    return loss, grad
+
+
+class _PrecomputedGrad(torch.autograd.Function):
+    """Passes `loss` through; its gradient w.r.t. `x` is the already computed `grad_x`.
+
+    `x` is an input only to connect the loss to the graph. Backward scales grad_x by the
+    incoming scalar (e.g. 1 / tokens in the batch, or DeepSpeed's loss scaling).
+    """
+
+    @staticmethod
+    def forward(ctx, x, loss, grad_x):
+        ctx.save_for_backward(grad_x)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_x,) = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), None, None
+
+
+def _check_jsd_args(beta: float, temperature: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_mask(mask: torch.Tensor, shape: torch.Size) -> None:
+    if mask.dtype != torch.bool or mask.shape != shape:
+        raise ValueError(f"mask must be bool of shape {tuple(shape)}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+
+
+def _wants_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def generalized_jsd(student_logits, teacher_logits, mask, beta=0.5, temperature=1.0):
+    """Generalized JSD summed over the valid tokens -> (loss_sum [], num_tokens int).
+
+    student_logits, teacher_logits: [..., V] any float dtype (computed in >= fp32);
+    mask: [...] bool, True where the token carries loss. The teacher gets no gradient.
+    Divide loss_sum by the completion tokens of the whole accumulated batch ("batchmean").
+    """
+    _check_jsd_args(beta, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    _check_mask(mask, student_logits.shape[:-1])
+    s = student_logits[mask]  # [n, V]
+    t = teacher_logits.detach()[mask]  # [n, V]
+    need_grad = _wants_grad(s)
+    loss, grad = _jsd_rows(s.detach(), t, beta, temperature, need_grad)
+    if need_grad:
+        loss = _PrecomputedGrad.apply(s, loss, grad.to(s.dtype))
+    return loss, s.shape[0]
+
+
+def _chunked_linear_loss(hidden, weight, chunk_size: int, chunk_loss, need_grad: bool):
+    """Sum over row chunks of chunk_loss(logits, rows), logits = hidden[rows] @ weight.T.
+
+    chunk_loss returns (loss_sum, dL/dlogits or None). The logits gradient is folded into
+    dL/dhidden right away, so at most one chunk of [chunk_size, V] tensors is alive.
+    -> (loss_sum [], dL/dhidden [n, H] or None)
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    loss = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    grad_hidden = torch.empty_like(hidden) if need_grad else None  # [n, H]
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk_sum, grad_logits = chunk_loss(F.linear(hidden[rows], weight), rows)  # [c, V]
+        loss += chunk_sum
+        if need_grad:
+            # cast to the weight dtype first, exactly as autograd does for bf16 logits
+            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight  # [c, H]
+    return loss, grad_hidden
+
+
+def _check_hidden_args(student_hidden, lm_head_weight, mask) -> None:
+    if lm_head_weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("lm_head weight must be frozen (requires_grad=False): the chunked loss "
+                         "computes gradients w.r.t. the hidden states only")
+    if student_hidden.shape[-1] != lm_head_weight.shape[-1]:
+        raise ValueError(f"hidden size {student_hidden.shape[-1]} does not match lm_head weight "
+                         f"{tuple(lm_head_weight.shape)} ([V, H] expected)")
+    _check_mask(mask, student_hidden.shape[:-1])
+
+
+def chunked_generalized_jsd(student_hidden, teacher_hidden, lm_head_weight, mask, beta,
+                            temperature, chunk_size=512):
+    """generalized_jsd of the logits hidden @ lm_head_weight.T, chunk by chunk.
+
+    student_hidden, teacher_hidden: [..., H] final hidden states (teacher: no grad);
+    lm_head_weight: [V, H], frozen; mask: [...] bool. -> (loss_sum [], num_tokens int)
+    Peak extra memory is about 8 fp32 [chunk_size, V] buffers (~2.5 GB at 512 x 152064)
+    plus one [n, H] gradient; the [n, V] logits never exist whole. lm_head_weight is read in
+    this call only, never in backward: under ZeRO-3 gather it around this call alone.
+    """
+    _check_jsd_args(beta, temperature)
+    _check_hidden_args(student_hidden, lm_head_weight, mask)
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} differ in shape")
+    hs = student_hidden[mask]  # [n, H]
+    ht = teacher_hidden.detach()[mask]  # [n, H]
+    need_grad = _wants_grad(hs)
+
+    def chunk_loss(student_logits, rows):
+        teacher_logits = F.linear(ht[rows], lm_head_weight)  # [c, V]
+        return _jsd_rows(student_logits, teacher_logits, beta, temperature, need_grad)
+
+    with torch.no_grad():
+        loss, grad = _chunked_linear_loss(hs.detach(), lm_head_weight, chunk_size, chunk_loss,
+                                          need_grad)
+    if need_grad:
+        loss = _PrecomputedGrad.apply(hs, loss, grad)
+    return loss, hs.shape[0]
+
+
+def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=512):
+    """Cross-entropy (temperature 1) summed over the valid tokens, chunked -> loss_sum [].
+
+    student_hidden: [..., H]; lm_head_weight: [V, H] frozen; target_ids: [...] the token each
+    position predicts; mask: [...] bool.
+    """
+    _check_hidden_args(student_hidden, lm_head_weight, mask)
+    hs = student_hidden[mask]  # [n, H]
+    targets = target_ids[mask].unsqueeze(-1)  # [n, 1]
+    need_grad = _wants_grad(hs)
+
+    def chunk_loss(logits, rows):
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype,
+                                                                           torch.float32))
+        loss = -logp.gather(-1, targets[rows]).sum()
+        if not need_grad:
+            return loss, None
+        minus_one = torch.full(targets[rows].shape, -1.0, dtype=logp.dtype, device=logp.device)
+        return loss, logp.exp_().scatter_add_(-1, targets[rows], minus_one)  # softmax - one_hot
+
+    with torch.no_grad():
+        loss, grad = _chunked_linear_loss(hs.detach(), lm_head_weight, chunk_size, chunk_loss,
+                                          need_grad)
+    if need_grad:
+        loss = _PrecomputedGrad.apply(hs, loss, grad)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Sampling filters
+# ----------------------------------------------------------------------------------------------
+
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set logits outside the top-k, then outside the top-p nucleus, to -inf. [B, V] -> [B, V]
+
+    Same semantics as transformers' TopKLogitsWarper then TopPLogitsWarper with
+    min_tokens_to_keep=1 (ties with the k-th logit are kept; the nucleus is the smallest set
+    whose mass reaches top_p).
+    """
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)  # [B, V] ascending
+        mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
+        drop = mass_below <= 1 - top_p  # the tail holding at most 1 - top_p of the mass
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature, top_k=0, top_p=1.0, generator=None):
+    """Next token ids [B] from logits [B, V].
+
+    temperature 0 or None: greedy argmax. Otherwise divide by the temperature (in fp32),
+    filter (top-k, then top-p) and draw with torch.multinomial from `generator`.
+    """
+    if not temperature:
+        return logits.argmax(dim=-1)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)  # [B, V]
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # [B]
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Sampling loop
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_completions(model, prompt_ids, prompt_mask, cfg: Config, tok, generator, engine=None):
+    """Completions [B, C] and their mask (1 up to and including the first eos) sampled from
+    `model` as it is now (LoRA on: the student; inside lora_disabled: the teacher).
+
+    Under ZeRO-3 every rank must make the same number of forward calls, so ranks agree on when
+    all of them are done. With --gather_for_generation the weights are gathered once for the
+    whole generation instead of at every decode step."""
+    distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+    def all_done(local_done: bool) -> bool:
+        if not distributed:
+            return local_done
+        flag = torch.tensor([0.0 if local_done else 1.0], device=prompt_ids.device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() == 0
+
+    def pick(logits):
+        return sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+
+    was_training = model.training
+    model.eval()  # no LoRA dropout while sampling
+    try:
+        with gathered_for_generation(engine, cfg.gather_for_generation):
+            return generate(model, prompt_ids, prompt_mask, cfg.max_completion_length, tok.eos_ids, tok.pad_id,
+                            pick_next=pick, all_done=all_done)
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def gathered_for_generation(engine, enabled: bool):
+    """ZeRO-3: gather every weight once and detach DeepSpeed's per-module hooks for the
+    duration (as TRL's ds3_gather_for_generation does); other stages: nothing to do."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if not enabled or offload is None:
+        yield
+        return
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            coordinator = offload.param_coordinator
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+            offload._register_deepspeed_module(offload.module)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. DeepSpeed setup
+# ----------------------------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+    """Built-in configs for the ms-swift preset names, or the user's JSON file. The batch and
+    clipping fields always come from the flags, so the two cannot disagree."""
+    if cfg.deepspeed in DEEPSPEED_PRESETS:
+        zero = {"stage": 2 if cfg.deepspeed == "zero2" else 3, "overlap_comm": False,
+                "contiguous_gradients": True}
+        if zero["stage"] == 3:
+            zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1e9,
+                        stage3_prefetch_bucket_size=5e7, stage3_gather_16bit_weights_on_model_save=False)
+        if cfg.deepspeed == "zero3_offload":
+            zero.update(offload_param={"device": "cpu", "pin_memory": True},
+                        offload_optimizer={"device": "cpu", "pin_memory": True})
+        ds = {"zero_optimization": zero}
+    else:
+        try:
+            with open(cfg.deepspeed) as f:
+                ds = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"--deepspeed {cfg.deepspeed!r}: not a preset ({', '.join(DEEPSPEED_PRESETS)}) "
+                              f"and not a readable JSON file: {err}") from err
+    ds.update(train_micro_batch_size_per_gpu=cfg.per_device_train_batch_size,
+              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+              gradient_clipping=cfg.max_grad_norm, steps_per_print=10**9, wall_clock_breakdown=False)
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {"enabled": False}
+    return ds
+
+
+def init_distributed(cfg: Config):
+    """One process (plain `python selfkd.py`), torchrun or the deepspeed launcher: all end up in
+    one process group. CPU-only machines use gloo."""
+    import deepspeed
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiny-qwen3-omni")
+
+
+def tiny_thinker_config(vocab_size: int) -> ThinkerConfig:
+    """The embedded default: the released architecture at toy width (GQA, 8 experts top-2)."""
+    return ThinkerConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                         moe_intermediate_size=64, intermediate_size=256, rope_theta=10000.0,
+                         max_position_embeddings=4096)
+
+
+def ensure_default_model(path: str = DEFAULT_MODEL_DIR) -> str:
+    """Write the tiny random Qwen3-Omni checkpoint (released layout + tokenizer files) once.
+    Written to a temporary directory and renamed, so a concurrent or interrupted run never
+    sees half of it."""
+    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        return path
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_tiny_tokenizer(tmp)
+    # std 0.15 rather than 0.02: peaked enough that the teacher's extra context visibly changes
+    # its next-token distribution, so the demo has something to distil
+    write_random_checkpoint(tiny_thinker_config(load_tokenizer(tmp).vocab_size), tmp, seed=0, std=0.15)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_student(cfg: Config, ds: dict, dtype, device, log):
+    """The thinker built partitioned (ZeRO-3) or whole, the checkpoint streamed into it, then
+    LoRA added. Returns (model, LoRA summary)."""
+    import deepspeed
+
+    mcfg = ThinkerConfig.from_pretrained(cfg.model)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        with deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
+            model = Thinker(mcfg)
+        load_weights(model, cfg.model, assign=copy_into_zero3_partition)
+        # the experts a rank's tokens reach differ between ranks: gather the MoE block as a unit
+        deepspeed.utils.set_z3_leaf_modules(model, [SparseMoE])
+    else:
+        with torch.device("meta"):
+            model = Thinker(mcfg).to(dtype)
+        model.to_empty(device=device)
+        load_weights(model, cfg.model)
+    summary = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                          ",".join(cfg.lora_target_modules), seed=cfg.seed)
+    for _, p in lora_parameters(model):
+        p.data = p.data.to(device=device, dtype=dtype)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    log(f"model: {cfg.model} ({mcfg.num_hidden_layers} layers, {mcfg.num_experts} experts, "
+        f"vocab {mcfg.vocab_size}), ZeRO stage {stage}, dtype {str(dtype).removeprefix('torch.')}")
+    return model, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Training
+# ----------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, cfg: Config) -> float:
+    """Linear warmup over warmup_ratio of the steps, then cosine / linear decay to 0, or constant."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.lr_scheduler_type == "cosine":
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_scheduler_type == "linear":
+        return cfg.learning_rate * (1 - progress)
+    return cfg.learning_rate
+
+
+def is_on_policy(cfg: Config, step: int) -> bool:
+    """The same draw on every rank (seeded by seed + global step, as ms-swift does)."""
+    return random.Random(cfg.seed + step).random() < cfg.lmbda
+
+
+def micro_batches(encoded: list, cfg: Config, rank: int, world: int, pad_id: int, step: int):
+    """The micro-batches of optimizer step `step` for this rank. The order is a seeded
+    permutation per epoch, so it is a pure function of the step (exact resume)."""
+    per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    steps_per_epoch = len(encoded) // per_step
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    rows = order[index * per_step:(index + 1) * per_step]
+    b = cfg.per_device_train_batch_size
+    out = []
+    for micro in range(cfg.gradient_accumulation_steps):
+        start = (micro * world + rank) * b
+        out.append(collate([encoded[i] for i in rows[start:start + b]], pad_id))
+    return out
+
+
+def completion_hidden(engine, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Final hidden states at the positions that predict each completion token: [B, C, H]."""
+    ids, mask, start = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    hidden = engine(ids, mask, return_hidden=True)  # [B, P + C, H]
+    return hidden[:, start - 1:start - 1 + completion_ids.shape[1]]
+
+
+def lm_head_weight(model):
+    """The full lm_head weight for the loss, gathered under ZeRO-3 (frozen, so no grad flows)."""
+    w = model.lm_head.weight
+    if hasattr(w, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([w])
+    return nullcontext()
+
+
+def gkd_loss_sums(engine, batch, completion_ids, completion_mask, cfg: Config, with_sft: bool):
+    """Teacher pass (LoRA off, no grad, teacher prompt) and student pass (LoRA on, student
+    prompt) on the same completion tokens -> (JSD sum, SFT sum, completion tokens).
+    Logits exist only at completion positions, a chunk at a time."""
+    model = engine.module
+    with torch.no_grad(), lora_disabled(model):
+        teacher_h = completion_hidden(engine, batch.teacher_prompt_ids, batch.teacher_prompt_mask,
+                                      completion_ids, completion_mask)
+    student_h = completion_hidden(engine, batch.student_prompt_ids, batch.student_prompt_mask,
+                                  completion_ids, completion_mask)
+    mask = completion_mask.bool().reshape(-1)  # [B * C]
+    H = student_h.shape[-1]
+    with lm_head_weight(model):
+        w = model.lm_head.weight
+        jsd, n = chunked_generalized_jsd(student_h.reshape(-1, H), teacher_h.reshape(-1, H), w, mask,
+                                         cfg.beta, cfg.temperature)
+        sft = (sft_loss_sum(student_h.reshape(-1, H), w, completion_ids.reshape(-1), mask) if with_sft
+               else torch.zeros((), device=jsd.device))
+    return jsd, sft, int(n)
+
+
+def all_reduce_sum(x: float, device) -> float:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item()
+
+
+@torch.no_grad()
+def evaluate(engine, encoded_eval: list, cfg: Config, tok, device) -> float:
+    """JSD per completion token on the held-out split's reference completions."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    was_training = engine.module.training
+    engine.module.eval()
+    total, tokens = 0.0, 0
+    b = cfg.per_device_eval_batch_size
+    # every rank runs the same number of batches (an empty share repeats row 0 with weight 0)
+    batches = math.ceil(len(encoded_eval) / (b * world))
+    for i in range(batches):
+        rows = [encoded_eval[j] for j in range((i * world + rank) * b, (i * world + rank + 1) * b)
+                if j < len(encoded_eval)]
+        weight = 1.0 if rows else 0.0
+        batch = collate(rows or encoded_eval[:1], tok.pad_id)
+        jsd, _, n = gkd_loss_sums(engine, to_device(batch, device), batch.completion_ids.to(device),
+                                  batch.completion_mask.to(device), cfg, with_sft=False)
+        total += weight * jsd.item()
+        tokens += int(weight * n)
+    engine.module.train(was_training)
+    return all_reduce_sum(total, device) / max(1.0, all_reduce_sum(tokens, device))
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return Batch(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Checkpoints: written to a temporary directory and renamed, so a crash never leaves a
+#    half-written checkpoint that resume would pick. `trainer_state.json` is written last.
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE, OPTIMIZER_FILE = "trainer_state.json", "optimizer.safetensors"
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            path = os.path.join(output_dir, name)
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit() \
+                    and os.path.isfile(os.path.join(path, STATE_FILE)):
+                found.append((int(name[len(CHECKPOINT_PREFIX):]), path))
+    return sorted(found)
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _inner_optimizer(engine):
+    return engine.optimizer.optimizer
+
+
+def optimizer_tensors(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights and AdamW moments of the LoRA parameters (gathered collectively
+    under ZeRO; every rank must call this)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out = {}
+    for name, p in lora_parameters(engine.module):
+        out[f"{name}.fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+    return out
+
+
+def restore_optimizer(engine, tensors: dict, adam_steps: int):
+    """Put saved master weights and moments back. DeepSpeed creates AdamW's state lazily at
+    the first step, so first run one step with zero gradients and lr 0 (a no-op on the weights)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    inner = _inner_optimizer(engine)
+    lrs = [g["lr"] for g in inner.param_groups]
+    for g in inner.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    inner.step()
+    for g, lr in zip(inner.param_groups, lrs):
+        g["lr"] = lr
+        for p in g["params"]:
+            p.grad = None
+    for name, p in lora_parameters(engine.module):
+        safe_set_full_fp32_param(p, tensors[f"{name}.fp32"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, tensors[f"{name}.{key}"], key)
+    for state in inner.state.values():
+        state["step"] = torch.tensor(float(adam_steps)) if torch.is_tensor(state.get("step")) else adam_steps
+
+
+def _adam_steps(engine) -> int:
+    steps = [s["step"] for s in _inner_optimizer(engine).state.values() if "step" in s]
+    return int(steps[0]) if steps else 0
+
+
+def save_checkpoint(engine, cfg: Config, step: int, state: dict, log) -> str:
+    """Every rank calls this. Returns the checkpoint path. On failure (disk full, permissions)
+    every rank raises, the temporary directory is removed and older checkpoints are untouched."""
+    from safetensors.torch import save_file
+
+    rank = torch.distributed.get_rank()
+    final = os.path.join(cfg.output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(cfg.output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    opt = None if cfg.save_only_model else optimizer_tensors(engine)  # collective
+    adam_steps = _adam_steps(engine)
+    error = ""
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as err:
+            error = f"cannot create {tmp!r}: {err}"
+    error = _broadcast_error(error)
+    if not error:
+        try:
+            save_adapter(engine.module, tmp)  # collective gather of the LoRA weights; rank 0 writes
+            if rank == 0:
+                if opt is not None:
+                    save_file(opt, os.path.join(tmp, OPTIMIZER_FILE))
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(dict(state, step=step, adam_steps=adam_steps,
+                                   save_only_model=cfg.save_only_model), f, indent=2)
+                for name in os.listdir(tmp):
+                    with open(os.path.join(tmp, name), "rb") as f:
+                        os.fsync(f.fileno())
+                if os.path.exists(final):  # a re-run of the same step replaces it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(cfg.output_dir)
+                with open(os.path.join(cfg.output_dir, "latest.tmp"), "w") as f:
+                    f.write(os.path.basename(final) + "\n")
+                os.replace(os.path.join(cfg.output_dir, "latest.tmp"), os.path.join(cfg.output_dir, "latest"))
+        except OSError as err:
+            error = f"writing checkpoint {final!r} failed: {err}"
+            shutil.rmtree(tmp, ignore_errors=True)
+    error = _broadcast_error(error)
+    if error:
+        raise RuntimeError(f"{error}. Previous checkpoints in {cfg.output_dir!r} are intact.")
+    if rank == 0 and cfg.save_total_limit is not None:
+        for _, old in complete_checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)  # never the newest: limit >= 1
+    torch.distributed.barrier()
+    log(f"saved {final}")
+    return final
+
+
+def _broadcast_error(error: str) -> str:
+    """Rank 0's error (or "") on every rank."""
+    box = [error]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    if cfg.resume_from_checkpoint in (None, ""):
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = complete_checkpoints(cfg.output_dir)
+        if not found:
+            raise ConfigError(f"--resume_from_checkpoint latest: no complete checkpoint in {cfg.output_dir!r}")
+        return found[-1][1]
+    path = cfg.resume_from_checkpoint
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise ConfigError(f"--resume_from_checkpoint {path!r}: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(engine, path: str, log) -> dict:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, STATE_FILE)) as f:
+        state = json.load(f)
+    load_adapter(engine.module, path)
+    opt_file = os.path.join(path, OPTIMIZER_FILE)
+    if os.path.isfile(opt_file):
+        restore_optimizer(engine, load_file(opt_file), state["adam_steps"])
+        log(f"resumed from {path} at step {state['step']} (adapter, optimizer state)")
+    else:
+        log(f"resumed from {path} at step {state['step']}: adapter only (saved with --save_only_model true), "
+            "the optimizer starts fresh")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
+
+
+def progress_line(step: int, total: int, m: dict) -> str:
+    done = int(20 * step / total)
+    return (f"[{'#' * done}{'.' * (20 - done)}] step {step}/{total}  loss {m['loss']:.5f}  lr {m['lr']:.2e}  "
+            f"tok/s {m['tokens_per_s']:.0f}  samples/s {m['samples_per_s']:.2f}  {m['branch']}")
+
+
+def train(cfg: Config) -> str:
+    """Runs the whole job; returns the path of the final adapter."""
+    import deepspeed
+
+    device = init_distributed(cfg)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def log(msg: str):
+        if rank == 0:
+            print(msg, flush=True)
+
+    dtype = resolve_dtype(cfg.torch_dtype)
+    if cfg.model is None:
+        if rank == 0:
+            ensure_default_model()
+        torch.distributed.barrier()
+        cfg.model = DEFAULT_MODEL_DIR
+    # cheap things that can fail come before the model is loaded
+    resume_path = resolve_resume(cfg)
+    tok = load_tokenizer(cfg.model)
+    train_rows, eval_rows, data_stats = load_dataset_specs(
+        cfg.dataset, cfg.seed, cfg.split_dataset_ratio, teacher_system=cfg.teacher_system,
+        teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows)
+    encoded, enc_stats = encode_examples(tok, train_rows, cfg.max_length, cfg.max_completion_length)
+    encoded_eval = encode_examples(tok, eval_rows, cfg.max_length, cfg.max_completion_length)[0] if eval_rows else []
+    per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
+    steps_per_epoch = len(encoded) // per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(encoded)} training rows cannot fill one step of {per_step} rows "
+                          "(batch size x world size x gradient accumulation)")
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+
+    log("selfkd: GKD LoRA self-distillation\n" + cfg.describe())
+    log(f"data: {len(encoded)} train / {len(encoded_eval)} eval rows; {dict(data_stats)}; "
+        f"encoding: {dict(enc_stats)}")
+    log(f"world size {world}, {per_step} rows per optimizer step, {steps_per_epoch} steps per epoch, "
+        f"{total} steps")
+
+    ds = deepspeed_config(cfg, dtype)
+    model, summary = build_student(cfg, ds, dtype, device, log)
+    log("Using shared base model architecture:\n"
+        "  Student model: base_model + LoRA (trainable)\n"
+        "  Teacher model: base_model with LoRA disabled (frozen)\n"
+        f"  {summary}")
+    params = [p for _, p in lora_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+
+    start = 0
+    if resume_path:
+        start = load_checkpoint(engine, resume_path, log)["step"]
+    elif data_stats.get("teacher_differs", 0) == 0 and cfg.sft_alpha == 0:
+        log("\n" + "!" * 100 + "\nWARNING: " + cfg.warnings()[0] + "\n" + "!" * 100 + "\n")
+
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    nonfinite_in_a_row, last_save = 0, None
+    engine.train()
+    for step in range(start, total):
+        t0 = time.time()
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: a function of the step
+        sampler = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        on_policy = is_on_policy(cfg, step)
+        branch = "on-policy" if on_policy else ("teacher-sampled" if cfg.seq_kd else "dataset")
+        batches = [to_device(b, device) for b in micro_batches(encoded, cfg, rank, world, tok.pad_id, step)]
+        completions, generated, t_gen = [], 0, time.time()
+        for b in batches:
+            if on_policy:
+                c = sample_completions(engine.module, b.student_prompt_ids, b.student_prompt_mask, cfg, tok,
+                                       sampler, engine)
+            elif cfg.seq_kd:
+                with lora_disabled(engine.module):
+                    c = sample_completions(engine.module, b.teacher_prompt_ids, b.teacher_prompt_mask, cfg, tok,
+                                           sampler, engine)
+            else:
+                c = (b.completion_ids, b.completion_mask)
+            generated += int(c[1].sum()) if (on_policy or cfg.seq_kd) else 0
+            completions.append(c)
+        t_gen = time.time() - t_gen
+        tokens = all_reduce_sum(sum(int(m.sum()) for _, m in completions), device)
+        lr = lr_at(step, total, cfg)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        # all forwards first: a non-finite loss then skips the step before any gradient exists
+        losses, jsd_sum, sft_sum = [], 0.0, 0.0
+        for b, (cids, cmask) in zip(batches, completions):
+            jsd, sft, _ = gkd_loss_sums(engine, b, cids, cmask, cfg, with_sft=cfg.sft_alpha > 0 and not on_policy)
+            losses.append((jsd + cfg.sft_alpha * sft) * world / max(tokens, 1.0))
+            jsd_sum, sft_sum = jsd_sum + jsd.item(), sft_sum + sft.item()
+        finite = all_reduce_sum(float(all(torch.isfinite(l).item() for l in losses)), device) == world
+        if finite:
+            for loss in losses:
+                engine.backward(loss, scale_wrt_gas=False)
+                engine.step()
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            nonfinite_in_a_row = 0
+            if not math.isfinite(grad_norm) and cfg.max_grad_norm > 0:
+                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({grad_norm}) with a finite "
+                                         "loss; the LoRA weights may be damaged, so nothing is saved. "
+                                         f"Last complete checkpoint: {last_save}")
+        else:
+            del losses
+            nonfinite_in_a_row += 1
+            log(f"step {step + 1}: non-finite loss on some rank, step skipped "
+                f"({nonfinite_in_a_row} in a row, limit {cfg.max_nonfinite_steps})")
+            if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(f"{nonfinite_in_a_row} non-finite steps in a row; aborting. "
+                                         f"Last complete checkpoint: {last_save}")
+            continue
+        seconds = time.time() - t0
+        jsd_mean = all_reduce_sum(jsd_sum, device) / max(tokens, 1.0)
+        m = {"step": step + 1, "loss": jsd_mean + cfg.sft_alpha * all_reduce_sum(sft_sum, device) / max(tokens, 1.0),
+             "jsd": jsd_mean, f"loss_{branch}": jsd_mean, "branch": branch, "lr": lr, "grad_norm": grad_norm,
+             "completion_tokens": int(tokens), "generated_tokens_per_s": (generated * world / t_gen) if generated else 0.0,
+             "tokens_per_s": tokens / seconds, "samples_per_s": per_step / seconds, "step_seconds": seconds,
+             "peak_memory_gib": peak_memory_gib(device)}
+        if step == start:
+            log(f"step-{step} loss: {m['loss']:.6f} ({branch} completions)")
+        if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and encoded_eval:
+            m["eval_jsd"] = evaluate(engine, encoded_eval, cfg, tok, device)
+        if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total or "eval_jsd" in m):
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(m) + "\n")
+            log(progress_line(step + 1, total, m) + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
+        if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
+            last_save = save_checkpoint(engine, cfg, step + 1, {"metrics": m}, log)
+    final = last_save or os.path.join(cfg.output_dir, f"{CHECKPOINT_PREFIX}{total}")
+    if encoded_eval:
+        log(f"final eval JSD per token: {evaluate(engine, encoded_eval, cfg, tok, device):.6f}")
+    log(f"done: {total} steps; adapter: {final}")
+    return final
+
+
+def main(argv: list[str] | None = None):
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        fail(str(err))
+    try:
+        train(cfg)
+    except (ConfigError, DataError, FileNotFoundError, KeyError, OSError) as err:
+        fail(f"{type(err).__name__}: {err}" if not isinstance(err, (ConfigError, DataError)) else str(err))
+
+
+if __name__ == "__main__":
+    main()
