@@ -740,10 +740,11 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
         if zero["stage"] == 3:
             zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1e9,
                         stage3_prefetch_bucket_size=5e7, stage3_gather_16bit_weights_on_model_save=False)
+        ds = {"zero_optimization": zero}
         if cfg.deepspeed == "zero3_offload":
             zero.update(offload_param={"device": "cpu", "pin_memory": True},
                         offload_optimizer={"device": "cpu", "pin_memory": True})
-        ds = {"zero_optimization": zero}
+            ds["zero_force_ds_cpu_optimizer"] = False  # our AdamW on the CPU partitions
     else:
         try:
             with open(cfg.deepspeed) as f:
@@ -872,10 +873,10 @@ def micro_batches(encoded: list, cfg: Config, rank: int, world: int, pad_id: int
     return out
 
 
-def completion_hidden(engine, prompt_ids, prompt_mask, completion_ids, completion_mask):
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     """Final hidden states at the positions that predict each completion token: [B, C, H]."""
     ids, mask, start = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    hidden = engine(ids, mask, return_hidden=True)  # [B, P + C, H]
+    hidden = model(ids, mask, return_hidden=True)  # [B, P + C, H]
     return hidden[:, start - 1:start - 1 + completion_ids.shape[1]]
 
 
@@ -892,8 +893,9 @@ def lm_head_weight(model):
 def gkd_loss_sums(engine, batch, completion_ids, completion_mask, cfg: Config, with_sft: bool):
     """Teacher pass (LoRA off, no grad, teacher prompt) and student pass (LoRA on, student
     prompt) on the same completion tokens -> (JSD sum, SFT sum, completion tokens).
-    Logits exist only at completion positions, a chunk at a time."""
-    model = engine.module
+    Logits exist only at completion positions, a chunk at a time. `engine` is the DeepSpeed
+    engine or a plain Thinker."""
+    model = getattr(engine, "module", engine)
     with torch.no_grad(), lora_disabled(model):
         teacher_h = completion_hidden(engine, batch.teacher_prompt_ids, batch.teacher_prompt_mask,
                                       completion_ids, completion_mask)
@@ -992,21 +994,22 @@ def optimizer_tensors(engine) -> dict[str, torch.Tensor]:
 
 
 def restore_optimizer(engine, tensors: dict, adam_steps: int):
-    """Put saved master weights and moments back. DeepSpeed creates AdamW's state lazily at
-    the first step, so first run one step with zero gradients and lr 0 (a no-op on the weights)."""
+    """Put saved master weights and moments back. DeepSpeed's AdamW creates its state lazily at
+    the first step, so first run one step on every fp32 partition with zero gradients and lr 0
+    (a no-op on the weights), the way DeepSpeed's own step feeds partitions to the optimizer."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    inner = _inner_optimizer(engine)
-    lrs = [g["lr"] for g in inner.param_groups]
-    for g in inner.param_groups:
-        g["lr"] = 0.0
-        for p in g["params"]:
-            p.grad = torch.zeros_like(p)
-    inner.step()
-    for g, lr in zip(inner.param_groups, lrs):
-        g["lr"] = lr
-        for p in g["params"]:
-            p.grad = None
+    zero, inner = engine.optimizer, _inner_optimizer(engine)
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3 leaves param_groups empty between steps
+        partitions = [(zero.sub_group_to_group_id[i], p) for i, p in enumerate(zero.fp32_partitioned_groups_flat)]
+    else:
+        partitions = [(i, p) for i, g in enumerate(inner.param_groups) for p in g["params"]]
+    for group_id, p in partitions:
+        group = inner.param_groups[group_id]
+        kept, lr = group["params"], group["lr"]
+        group["params"], group["lr"], p.grad = [p], 0.0, torch.zeros_like(p)
+        inner.step()
+        group["params"], group["lr"], p.grad = kept, lr, None
     for name, p in lora_parameters(engine.module):
         safe_set_full_fp32_param(p, tensors[f"{name}.fp32"])
         for key in ("exp_avg", "exp_avg_sq"):
@@ -1150,6 +1153,8 @@ def train(cfg: Config) -> str:
         teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows)
     encoded, enc_stats = encode_examples(tok, train_rows, cfg.max_length, cfg.max_completion_length)
     encoded_eval = encode_examples(tok, eval_rows, cfg.max_length, cfg.max_completion_length)[0] if eval_rows else []
+    for bad in data_stats["bad_rows"]:
+        log(f"skipped row: {bad}")  # --skip_bad_rows: every skipped row is named, none silently
     per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
     steps_per_epoch = len(encoded) // per_step
     if steps_per_epoch == 0:
@@ -1158,8 +1163,11 @@ def train(cfg: Config) -> str:
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
 
     log("selfkd: GKD LoRA self-distillation\n" + cfg.describe())
-    log(f"data: {len(encoded)} train / {len(encoded_eval)} eval rows; {dict(data_stats)}; "
-        f"encoding: {dict(enc_stats)}")
+    skipped = dict(data_stats["rows_skipped"]) or "none"
+    log(f"data: {data_stats['rows_read']} rows read ({', '.join(f'{k} {v}' for k, v in data_stats['formats'].items())}), "
+        f"skipped: {skipped}; {len(encoded)} train / {len(encoded_eval)} eval; "
+        f"{data_stats['teacher_differs']} train rows give the teacher privileged context; "
+        f"truncated: {', '.join(f'{k} {v}' for k, v in enc_stats.items()) or 'none'}")
     log(f"world size {world}, {per_step} rows per optimizer step, {steps_per_epoch} steps per epoch, "
         f"{total} steps")
 
@@ -1183,6 +1191,8 @@ def train(cfg: Config) -> str:
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
+    if encoded_eval:
+        log(f"eval JSD per token before step {start + 1}: {evaluate(engine, encoded_eval, cfg, tok, device):.6f}")
     nonfinite_in_a_row, last_save = 0, None
     engine.train()
     for step in range(start, total):

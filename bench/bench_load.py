@@ -25,6 +25,7 @@ negligible. The checkpoint is deleted at the end unless --keep.
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -201,7 +202,7 @@ def main():
         ratio = (res["load"]["peak"]["ru_maxrss"] - base["ru_maxrss"]) / total
         print(f"\nselfkd load_thinker: (peak - baseline) / tensor bytes = {ratio:.3f} "
               f"({'meets' if ratio <= 1.3 else 'MISSES'} the goal <= 1.3)")
-        print("\ncommand: " + " ".join([os.path.relpath(sys.executable)] + sys.argv))
+        print("\ncommand: " + shlex.join([os.path.relpath(sys.executable)] + sys.argv))
     finally:
         if not args.keep and wrote:
             shutil.rmtree(args.path, ignore_errors=True)

@@ -15,27 +15,43 @@ while a bare block with no implementation set falls back to eager). The implemen
 actually ran is recorded at forward time (ExpertsInterface.get_interface) and, in the check
 pass, by counting torch.nn.functional.grouped_mm calls.
 
-Two backward modes, each timed as forward + backward of a fixed random cotangent:
+Two backward modes, each timed as forward + backward of a fixed random cotangent (not
+out.sum(): its stride-0 gradient makes torch 2.13's CPU F.grouped_mm backward raise):
   full    input, router and expert weights require grad (full fine-tuning)
   frozen  only the input requires grad (LoRA training: the base weights are frozen)
 
-Repetitions are interleaved (selfkd, HF eager, HF grouped_mm, selfkd, ...; the order rotates each
-rep) after --warmup untimed runs; medians are reported, ratio = HF time / selfkd time (> 1 means
-selfkd is faster). --profile prints torch.profiler top ops of one selfkd full step.
+Check first (weights frozen, cheap): every variant's output and input grad vs selfkd. The weight
+grads of the variants named in --weight-grads (default: the fast ones) are compared to the first.
+
+Repetitions are interleaved (selfkd, HF eager, HF grouped_mm, ...; the order rotates each rep)
+after --warmup untimed runs; medians are reported; ratio = variant time / selfkd time (for HF
+rows > 1 means selfkd is faster). A variant whose step exceeds --max-step-s is not repeated.
+
+In full mode selfkd's step takes minutes at this width: each `gate_up_proj[e]` / `down_proj[e]`
+select has a SelectBackward that materialises a zero-filled gradient of the WHOLE stacked tensor
+per expert (128 x 1.6 GB + 128 x 0.8 GB in fp32), which autograd then sums. HF eager indexes the
+same way and has the same cost, so full mode times only HF grouped_mm unless --full-impls says
+otherwise (a default run then takes ~4-5 min on 2 cores; with eager ~8 min). --proposed adds
+"selfkd+unbind", a prototype of the fix (weights unbound once per forward: one UnbindBackward
+stacks the per-expert grads once); it is defined in this file, model_qwen3omni.py is unchanged.
+--profile prints torch.profiler top ops of one selfkd step per mode.
 """
 
 import argparse
 import os
+import shlex
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model_qwen3omni import SparseMoE, ThinkerConfig  # noqa: E402
+from model_qwen3omni import Experts, SparseMoE, ThinkerConfig  # noqa: E402
 
 IMPLS = ("eager", "grouped_mm")
+PROPOSED = "selfkd+unbind (proposed)"
 
 
 def parse_args():
@@ -50,12 +66,21 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--modes", default="full,frozen", help="comma list of: full, frozen")
-    p.add_argument("--impls", default=",".join(IMPLS), help="HF experts implementations to time")
+    p.add_argument("--impls", default=",".join(IMPLS), help="HF experts implementations timed in frozen mode")
+    p.add_argument("--full-impls", default="grouped_mm",
+                   help="HF experts implementations timed in full mode (eager: ~3 min per step at real width)")
+    p.add_argument("--max-step-s", type=float, default=30.0,
+                   help="a variant whose fwd+bwd takes longer is not repeated (its first step is the sample)")
+    p.add_argument("--proposed", action="store_true", help="also time the prototype fix (selfkd+unbind)")
+    p.add_argument("--weight-grads", default=f"HF grouped_mm,{PROPOSED}",
+                   help="comma list of variants whose weight grads the check compares (selfkd, 'HF eager': slow)")
     p.add_argument("--router-std", type=float, default=None,
                    help="router weight std (default 1/sqrt(hidden): router logits ~ N(0, 1))")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="profile one selfkd step per mode (top ops)")
-    return p.parse_args()
+    args = p.parse_args()
+    args.weight_grads = [n.strip() for n in args.weight_grads.split(",") if n.strip()]
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +115,36 @@ def build(args, dtype):
     hf.experts.gate_up_proj = ours.experts.gate_up_proj
     hf.experts.down_proj = ours.experts.down_proj
     assert not any(p.is_meta for p in hf.parameters())
-    return ours, hf, hf_cfg, router_std
+
+    prop = None
+    if args.proposed:
+        with torch.device("meta"):
+            prop = SparseMoE(cfg)
+            prop.experts = UnbindExperts(E, H, I)
+        prop.gate.weight = ours.gate.weight
+        prop.experts.gate_up_proj = ours.experts.gate_up_proj
+        prop.experts.down_proj = ours.experts.down_proj
+        assert not any(p.is_meta for p in prop.parameters())
+    return ours, hf, hf_cfg, prop, router_std
+
+
+class UnbindExperts(Experts):
+    """PROTOTYPE of the proposed fix (not selfkd code): unbind the stacked weights once per forward.
+
+    `w[e]` from `w.unbind(0)` is a view like `w[e]`, but autograd sees ONE UnbindBackward for the
+    whole stack, which stacks the per-expert grads once (zeros for experts without tokens),
+    instead of one SelectBackward per expert, each allocating and zero-filling a gradient of the
+    full [E, ...] tensor that autograd then adds up."""
+
+    def forward(self, x_sorted, counts):
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        out = []
+        for e, x in enumerate(x_sorted.split(counts)):
+            if x.shape[0] == 0:
+                continue
+            gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+            out.append((F.silu(gate) * up) @ down[e].T)
+        return torch.cat(out)
 
 
 class ImplRecorder:
@@ -133,29 +187,19 @@ def routing_counts(ours, x):
         return torch.bincount(ids.reshape(-1), minlength=ours.experts.num_experts)
 
 
-def check(ours, hf, hf_cfg, impls, x, cot, rec):
-    """Outputs, input grads and weight grads of every HF impl vs selfkd (all params require grad)."""
-    params = list(ours.parameters())
-    for p in params:
-        p.requires_grad_(True)
-
-    def run(fn):
-        for p in params:
-            p.grad = None
-        xi = x.detach().clone().requires_grad_(True)
-        out = fn(xi)
-        torch.autograd.backward(out, cot)
-        grads = [p.grad.clone() for p in params]
-        for p in params:
-            p.grad = None
-        return out.detach(), xi.grad, grads
-
-    ref_out, ref_gx, ref_gw = run(ours)
-    names = [n for n, _ in ours.named_parameters()]
-    print(f"output max |selfkd| = {ref_out.abs().max().item():.4g}, input grad max |selfkd| = "
-          f"{ref_gx.abs().max().item():.4g}")
+def check(variants, named, x, cot, rec, weight_grads):
+    """Outputs and input grads of every variant vs selfkd (weights frozen, so this is cheap); weight
+    grads of the variants in `weight_grads` (a full step each) vs the first of them."""
+    params = [p for _, p in named]
+    tol = 1e-4 if x.dtype == torch.float32 else 5e-2
+    ref = None
     ok = True
-    for impl in impls:
+    gw_ref = None
+    for name, (fn, impl) in variants.items():
+        want_gw = name in weight_grads
+        for p in params:
+            p.requires_grad_(want_gw)
+            p.grad = None
         n_gmm = [0]
         orig = torch.nn.functional.grouped_mm
 
@@ -164,26 +208,53 @@ def check(ours, hf, hf_cfg, impls, x, cot, rec):
             return orig(*a, **k)
 
         torch.nn.functional.grouped_mm = counting
+        t = time.perf_counter()
         try:
-            out, gx, gw = run(hf_forward(hf, hf_cfg, impl))
+            xi = x.detach().clone().requires_grad_(True)
+            out = fn(xi)
+            ran = rec.last() if impl is not None else None
+            torch.autograd.backward(out, cot)
         finally:
             torch.nn.functional.grouped_mm = orig
-        ran = rec.last()
-        d_out = (out.float() - ref_out.float()).abs().max().item()
-        d_gx = (gx.float() - ref_gx.float()).abs().max().item()
-        d_gw = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(names, gw, ref_gw)}
-        print(f"HF {impl:10s} ran {ran[1]} (config._experts_implementation={ran[0]!r}, "
-              f"F.grouped_mm calls fwd+bwd: {n_gmm[0]}): max|out diff| {d_out:.3g}  max|dx diff| {d_gx:.3g}  "
-              + "  ".join(f"max|d{n.split('.')[-2] if n.endswith('weight') else n.split('.')[-1]} diff| {v:.3g}"
-                          for n, v in d_gw.items()))
-        expected = "eager" if impl == "eager" else "grouped_mm_experts_forward"
-        if ran[1] != expected or (impl == "grouped_mm") != (n_gmm[0] > 0):
-            print(f"  !! HF {impl}: expected {expected} to run")
-            ok = False
-        tol = 1e-4 if x.dtype == torch.float32 else 0.1
-        if d_out > tol * max(1.0, ref_out.abs().max().item()) or d_gx > tol * max(1.0, ref_gx.abs().max().item()):
-            print(f"  !! HF {impl}: outputs/grads disagree beyond {tol}")
-            ok = False
+        secs = time.perf_counter() - t
+        out, gx = out.detach(), xi.grad
+        gw = [p.grad for p in params] if want_gw else None
+        for p in params:
+            p.grad = None
+        line = f"{name:24s}"
+        if impl is not None:
+            expected = "eager" if impl == "eager" else "grouped_mm_experts_forward"
+            line += (f" ran {ran[1]} (config._experts_implementation={ran[0]!r}, "
+                     f"F.grouped_mm calls fwd+bwd: {n_gmm[0]})")
+            if ran[1] != expected or (impl == "grouped_mm") != (n_gmm[0] > 0):
+                print(f"  !! {name}: expected {expected} to run")
+                ok = False
+        if ref is None:
+            ref = (out, gx)
+            line += (f": output max |.| {out.abs().max().item():.4g}, input grad max |.| "
+                     f"{gx.abs().max().item():.4g}")
+        else:
+            d_out = (out.float() - ref[0].float()).abs().max().item()
+            d_gx = (gx.float() - ref[1].float()).abs().max().item()
+            line += f": max|out - selfkd| {d_out:.3g}, max|dx - selfkd| {d_gx:.3g}"
+            if d_out > tol * max(1.0, ref[0].abs().max().item()) or d_gx > tol * max(1.0, ref[1].abs().max().item()):
+                print(f"  !! {name}: output / input grad disagree with selfkd beyond {tol}")
+                ok = False
+        if gw is not None:
+            if gw_ref is None:
+                gw_ref = (name, gw)
+                line += f"; weight grads: reference for the others"
+            else:
+                diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(gw, gw_ref[1])]
+                scale = max(b.abs().max().item() for b in gw_ref[1])
+                line += "; weight grads max|d - " + gw_ref[0] + "| " + ", ".join(
+                    f"{n.split('.')[-1] if not n.endswith('.weight') else n.split('.')[-2]} {d:.3g}"
+                    for (n, _), d in zip(named, diffs))
+                if max(diffs) > tol * max(1.0, scale):
+                    print(f"  !! {name}: weight grads disagree with {gw_ref[0]} beyond {tol}")
+                    ok = False
+        print(line + f"  [{secs:.1f} s]", flush=True)
+        del out, gx, gw
     return ok
 
 
@@ -206,36 +277,44 @@ def step(fn, x, cot, params):
     return t1 - t0, t2 - t0
 
 
-def bench_mode(mode, variants, ours, x, cot, reps, warmup, rec):
-    params = list(ours.parameters())
+def bench_mode(mode, variants, params, x, cot, reps, warmup, max_step_s, rec):
+    """Interleaved reps; a variant whose step takes longer than max_step_s is not run again in this
+    mode (if that was its warmup step, that step is its one sample)."""
     for p in params:
         p.requires_grad_(mode == "full")
     names = list(variants)
-    fwd = {n: [] for n in names}
-    tot = {n: [] for n in names}
+    samples = {n: [] for n in names}
+    stopped = set()
     for r in range(warmup + reps):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
         for n in order:
-            f, t = step(variants[n][0], x, cot, params)
-            impl = variants[n][1]
+            if n in stopped:
+                continue
+            fn, impl = variants[n]
+            f, t = step(fn, x, cot, params)
             if impl is not None:
                 assert rec.last()[1] == ("eager" if impl == "eager" else "grouped_mm_experts_forward"), rec.last()
             tag = "warmup" if r < warmup else f"rep {r - warmup + 1}"
-            print(f"  [{mode}] {tag:7s} {n:16s} fwd {f:7.3f} s  fwd+bwd {t:7.3f} s", flush=True)
-            if r >= warmup:
-                fwd[n].append(f)
-                tot[n].append(t)
-    return {n: (statistics.median(fwd[n]), statistics.median(tot[n])) for n in names}
+            note = ""
+            if r >= warmup or t > max_step_s:
+                samples[n].append((f, t))
+            if t > max_step_s:
+                stopped.add(n)
+                note = f"  (> --max-step-s {max_step_s:g}: not repeated" + (", warmup kept as the sample)" if r < warmup else ")")
+            print(f"  [{mode}] {tag:7s} {n:24s} fwd {f:8.3f} s  fwd+bwd {t:8.3f} s{note}", flush=True)
+    return {n: (len(v), statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
+            for n, v in samples.items()}
 
 
-def profile_step(fn, x, cot, params, mode, row_limit=15):
+def profile_step(fn, x, cot, params, mode, row_limit=12):
     from torch.profiler import ProfilerActivity, profile
 
     for p in params:
         p.requires_grad_(mode == "full")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(fn, x, cot, params)
-    print(f"\n--- torch.profiler, selfkd, mode={mode}: top ops by self CPU time ---")
+        f, t = step(fn, x, cot, params)
+    print(f"\n--- torch.profiler, selfkd, mode={mode} (fwd {f:.2f} s, fwd+bwd {t:.2f} s under the profiler): "
+          "top ops by self CPU time ---")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
 
 
@@ -244,8 +323,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
-    impls = [i for i in args.impls.split(",") if i]
     modes = [m for m in args.modes.split(",") if m]
+    impls = {"frozen": [i for i in args.impls.split(",") if i], "full": [i for i in args.full_impls.split(",") if i]}
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
@@ -253,7 +332,9 @@ def main():
     print(f"shape: x [1, {args.tokens}, {args.hidden}], {args.experts} experts, top-{args.topk}, "
           f"moe_intermediate {args.inter}, norm_topk_prob true")
 
-    ours, hf, hf_cfg, router_std = build(args, dtype)
+    ours, hf, hf_cfg, prop, router_std = build(args, dtype)
+    named = list(ours.named_parameters())
+    params = [p for _, p in named]
     rec = ImplRecorder()
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(1, args.tokens, args.hidden, generator=g).to(dtype)
@@ -266,31 +347,46 @@ def main():
     if counts.max().item() > 4 * mean or (counts == 0).sum().item() > args.experts // 2:
         print("!! routing is degenerate; raise --router-std")
 
+    all_impls = list(dict.fromkeys(impls["frozen"] + impls["full"]))
+    variants = {"selfkd": (ours, None)}
+    variants.update({f"HF {impl}": (hf_forward(hf, hf_cfg, impl), impl) for impl in all_impls})
+    if prop is not None:
+        variants[PROPOSED] = (prop, None)
+
+    print("\ncheck: outputs and input grads vs selfkd (weights frozen)"
+          + (f"; weight grads of {', '.join(n for n in variants if n in args.weight_grads)}" if args.weight_grads else ""))
     t = time.perf_counter()
-    ok = check(ours, hf, hf_cfg, impls, x, cot, rec)
-    print(f"check {'passed' if ok else 'FAILED'} ({time.perf_counter() - t:.1f} s)")
+    ok = check(variants, named, x, cot, rec, args.weight_grads)
+    print(f"check {'passed' if ok else 'FAILED'} ({time.perf_counter() - t:.1f} s)\n")
     if not ok:
         sys.exit(1)
 
-    variants = {"selfkd": (ours, None)}
-    variants.update({f"HF {impl}": (hf_forward(hf, hf_cfg, impl), impl) for impl in impls})
     results = {}
     for mode in modes:
-        results[mode] = bench_mode(mode, variants, ours, x, cot, args.reps, args.warmup, rec)
+        vs = {n: v for n, v in variants.items() if v[1] is None or v[1] in impls[mode]}
+        results[mode] = bench_mode(mode, vs, params, x, cot, args.reps, args.warmup, args.max_step_s, rec)
 
     if args.profile:
         for mode in modes:
-            profile_step(ours, x, cot, list(ours.parameters()), mode)
+            profile_step(ours, x, cot, params, mode)
 
-    print("\n## MoE block fwd+bwd, median seconds"
-          f" ({args.reps} interleaved reps after {args.warmup} warmup; ratio = HF / selfkd, > 1: selfkd faster)\n")
-    print("| mode | variant | fwd s | fwd+bwd s | ratio fwd+bwd |")
-    print("|---|---|---:|---:|---:|")
+    print(f"\n## MoE block fwd+bwd on CPU ({torch.get_num_threads()} threads, {args.dtype}, x [1, {args.tokens}, "
+          f"{args.hidden}], E={args.experts}, top-{args.topk}, I={args.inter}): median seconds of n interleaved reps "
+          f"after {args.warmup} warmup\n")
+    print("ratio = variant fwd+bwd / selfkd fwd+bwd (for HF rows > 1 means selfkd is faster)"
+          + (f"; last column: HF / {PROPOSED}" if prop is not None else "") + "\n")
+    print("| mode | variant | n | fwd s | fwd+bwd s | ratio vs selfkd |" + (" ratio vs proposed |" if prop is not None else ""))
+    print("|---|---|---:|---:|---:|---:|" + ("---:|" if prop is not None else ""))
     for mode in modes:
-        base = results[mode]["selfkd"][1]
-        for n, (f, tt) in results[mode].items():
-            print(f"| {mode} | {n} | {f:.3f} | {tt:.3f} | {'' if n == 'selfkd' else f'{tt / base:.2f}'} |")
-    print("\ncommand: " + " ".join([os.path.relpath(sys.executable)] + sys.argv))
+        base = results[mode]["selfkd"][2]
+        pbase = results[mode][PROPOSED][2] if prop is not None else None
+        for n, (k, f, tt) in results[mode].items():
+            row = f"| {mode} | {n} | {k} | {f:.3f} | {tt:.3f} | {'' if n == 'selfkd' else f'{tt / base:.2f}'} |"
+            if prop is not None:
+                row += f" {f'{tt / pbase:.2f}' if n.startswith('HF') else ''} |"
+            print(row)
+    print("\nmodes: full = input, router and expert weights require grad; frozen = only the input does (LoRA case)")
+    print("command: " + shlex.join([os.path.relpath(sys.executable)] + sys.argv))
 
 
 if __name__ == "__main__":

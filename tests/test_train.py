@@ -1,0 +1,154 @@
+"""The trainer: the self-distillation fixed point, learning with teacher context, and the
+whole job under DeepSpeed ZeRO-3 with 2 processes (gloo), including exact resume."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data import SAMPLE_DATASET, collate, encode_examples, load_dataset_specs, load_tokenizer
+from lora import inject_lora, lora_parameters
+from model_qwen3omni import load_thinker
+from selfkd import Config, gkd_loss_sums, is_on_policy, lr_at, sample_completions
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def batches(model_dir, teacher_sees_reference, n=8, batch_size=4):
+    """Batches of the sample data; without teacher_sees_reference only rows that carry no
+    per-row teacher context, so teacher and student prompts are identical."""
+    tok = load_tokenizer(model_dir)
+    rows, _, _ = load_dataset_specs([str(SAMPLE_DATASET)], seed=0, split_ratio=0.0,
+                                    teacher_sees_reference=teacher_sees_reference)
+    if not teacher_sees_reference:
+        rows = [r for r in rows if r.teacher_messages == r.student_messages]
+    encoded, _ = encode_examples(tok, rows[:n * batch_size], max_length=192, max_completion_length=16)
+    return tok, [collate(encoded[i:i + batch_size], tok.pad_id) for i in range(0, len(encoded), batch_size)]
+
+
+def student(model_dir):
+    model = load_thinker(model_dir, dtype=torch.float32)
+    inject_lora(model, rank=8, alpha=16, dropout=0.05, targets="ALL", seed=0)
+    return model.train()
+
+
+def test_without_teacher_context_loss_and_every_gradient_are_exactly_zero(tiny_model_dir):
+    """The seed's trap: teacher = base with LoRA off, student = base + LoRA with B = 0, same
+    input. Then student == teacher, so the divergence and its gradient vanish."""
+    cfg = Config(beta=0.5, temperature=2.0)
+    model = student(tiny_model_dir)
+    _, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
+    assert torch.equal(batch.teacher_prompt_ids, batch.student_prompt_ids)
+    jsd, _, n = gkd_loss_sums(model, batch, batch.completion_ids, batch.completion_mask, cfg, with_sft=False)
+    assert n > 0
+    assert jsd.item() == 0.0
+    jsd.backward()
+    for name, p in lora_parameters(model):
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+
+
+def test_with_teacher_context_the_divergence_goes_down(tiny_model_dir):
+    """Teacher sees the reference answer; after a few dozen AdamW steps on the same data the
+    student's divergence from it is clearly lower."""
+    torch.manual_seed(0)
+    cfg = Config(beta=0.5, temperature=2.0)
+    model = student(tiny_model_dir)
+    _, data = batches(tiny_model_dir, teacher_sees_reference=True, n=4)
+    opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=3e-3)
+
+    def mean_loss():
+        with torch.no_grad():
+            sums = [gkd_loss_sums(model.eval(), b, b.completion_ids, b.completion_mask, cfg, False) for b in data]
+        model.train()
+        return sum(s[0].item() for s in sums) / sum(s[2] for s in sums)
+
+    before = mean_loss()
+    assert before > 1e-3
+    for step in range(24):
+        b = data[step % len(data)]
+        jsd, _, n = gkd_loss_sums(model, b, b.completion_ids, b.completion_mask, cfg, False)
+        (jsd / n).backward()
+        opt.step()
+        opt.zero_grad()
+    assert mean_loss() < 0.8 * before
+
+
+def test_sampling_is_seeded_and_respects_max_length(tiny_model_dir):
+    cfg = Config(temperature=2.0, top_k=50, top_p=0.95, max_completion_length=12, gather_for_generation=False)
+    model = student(tiny_model_dir)
+    tok, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
+
+    def draw(seed):
+        g = torch.Generator().manual_seed(seed)
+        return sample_completions(model, batch.student_prompt_ids, batch.student_prompt_mask, cfg, tok, g)
+
+    (a, am), (b, bm), (c, _) = draw(1), draw(1), draw(2)
+    assert torch.equal(a, b) and torch.equal(am, bm)
+    assert not torch.equal(a, c)
+    assert a.shape[1] <= 12
+    assert model.training  # sampling switched to eval and back
+
+
+def test_branch_draw_and_schedule():
+    cfg = Config(lmbda=0.5, seed=42, learning_rate=1e-3, warmup_ratio=0.1)
+    draws = [is_on_policy(cfg, s) for s in range(200)]
+    assert draws == [is_on_policy(cfg, s) for s in range(200)]  # same on every rank
+    assert 70 < sum(draws) < 130
+    assert not any(is_on_policy(Config(lmbda=0.0), s) for s in range(50))
+    assert all(is_on_policy(Config(lmbda=1.0), s) for s in range(50))
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-5
+
+
+def run_selfkd(args, nproc=2, timeout=600):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(ROOT, "selfkd.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_process_zero3_end_to_end_and_exact_resume(tiny_model_dir, tmp_path):
+    """2 processes, ZeRO-3, gloo: both branches, eval, checkpoints; then resuming from the
+    step-3 checkpoint reproduces steps 4-6 and the final adapter of the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = ["--model", tiny_model_dir, "--dataset", f"{SAMPLE_DATASET}#64", "--split_dataset_ratio", "0.1",
+              "--torch_dtype", "float32", "--max_length", "160", "--max_completion_length", "10",
+              "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+              "--learning_rate", "3e-3", "--lmbda", "0.5", "--teacher_sees_reference", "true",
+              "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1",
+              "--seed", "1", "--save_only_model", "false", "--lora_dropout", "0.1"]
+    cfg = Config(lmbda=0.5, seed=1)
+    assert {is_on_policy(cfg, s) for s in range(6)} == {True, False}  # both branches are hit
+    full = str(tmp_path / "full")
+    out = run_selfkd(common + ["--output_dir", full])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Teacher model: base_model with LoRA disabled (frozen)" in out.stdout
+    assert "step-0 loss:" in out.stdout and "adapter: " in out.stdout
+    straight = metrics(full)
+    assert [m["step"] for m in straight] == list(range(1, 7))
+    assert {m["branch"] for m in straight} == {"on-policy", "dataset"}
+    assert "eval_jsd" in straight[2] and "eval_jsd" in straight[5]
+    assert all(m["loss"] > 0 for m in straight)
+    assert sorted(os.listdir(full)) == ["checkpoint-3", "checkpoint-6", "latest", "metrics.jsonl"]
+
+    resumed = str(tmp_path / "resumed")
+    out = run_selfkd(common + ["--output_dir", resumed, "--resume_from_checkpoint", os.path.join(full, "checkpoint-3")])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = metrics(resumed)
+    assert [m["step"] for m in again] == [4, 5, 6]
+    for a, b in zip(straight[3:], again):
+        assert a["loss"] == b["loss"] and a["branch"] == b["branch"], (a, b)
+    final_a = load_file(os.path.join(full, "checkpoint-6", "adapter_model.safetensors"))
+    final_b = load_file(os.path.join(resumed, "checkpoint-6", "adapter_model.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    for k in final_a:
+        assert torch.equal(final_a[k], final_b[k]), k
