@@ -47,9 +47,13 @@ class ConfigError(ValueError):
     """A bad command line. `main` prints it as one line and exits with code 2."""
 
 
-def fail(msg: str) -> NoReturn:
+class TrainingAborted(RuntimeError):
+    """The run had to stop (non-finite steps, a failed save); `main` exits with code 1."""
+
+
+def fail(msg: str, code: int = 2) -> NoReturn:
     print(f"selfkd: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def parse_bool(text: str) -> bool:
@@ -1065,7 +1069,7 @@ def save_checkpoint(engine, cfg: Config, step: int, state: dict, log) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
     error = _broadcast_error(error)
     if error:
-        raise RuntimeError(f"{error}. Previous checkpoints in {cfg.output_dir!r} are intact.")
+        raise TrainingAborted(f"{error}. Previous checkpoints in {cfg.output_dir!r} are intact.")
     if rank == 0 and cfg.save_total_limit is not None:
         for _, old in complete_checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)  # never the newest: limit >= 1
@@ -1132,8 +1136,9 @@ def train(cfg: Config) -> str:
     """Runs the whole job; returns the path of the final adapter."""
     import deepspeed
 
-    device = init_distributed(cfg)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    # Everything that can fail cheaply (paths, config, tokenizer, data) runs before the process
+    # group and the model exist, so a bad input costs seconds, not a model load.
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     def log(msg: str):
         if rank == 0:
@@ -1141,11 +1146,9 @@ def train(cfg: Config) -> str:
 
     dtype = resolve_dtype(cfg.torch_dtype)
     if cfg.model is None:
-        if rank == 0:
-            ensure_default_model()
-        torch.distributed.barrier()
-        cfg.model = DEFAULT_MODEL_DIR
-    # cheap things that can fail come before the model is loaded
+        cfg.model = ensure_default_model()  # atomic: safe when every rank calls it
+    ThinkerConfig.from_pretrained(cfg.model)
+    check_writable(cfg.output_dir)
     resume_path = resolve_resume(cfg)
     tok = load_tokenizer(cfg.model)
     train_rows, eval_rows, data_stats = load_dataset_specs(
@@ -1172,6 +1175,7 @@ def train(cfg: Config) -> str:
         f"{total} steps")
 
     ds = deepspeed_config(cfg, dtype)
+    device = init_distributed(cfg)
     model, summary = build_student(cfg, ds, dtype, device, log)
     log("Using shared base model architecture:\n"
         "  Student model: base_model + LoRA (trainable)\n"
@@ -1235,7 +1239,7 @@ def train(cfg: Config) -> str:
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             nonfinite_in_a_row = 0
             if not math.isfinite(grad_norm) and cfg.max_grad_norm > 0:
-                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({grad_norm}) with a finite "
+                raise TrainingAborted(f"step {step + 1}: non-finite gradient norm ({grad_norm}) with a finite "
                                          "loss; the LoRA weights may be damaged, so nothing is saved. "
                                          f"Last complete checkpoint: {last_save}")
         else:
@@ -1244,7 +1248,7 @@ def train(cfg: Config) -> str:
             log(f"step {step + 1}: non-finite loss on some rank, step skipped "
                 f"({nonfinite_in_a_row} in a row, limit {cfg.max_nonfinite_steps})")
             if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(f"{nonfinite_in_a_row} non-finite steps in a row; aborting. "
+                raise TrainingAborted(f"{nonfinite_in_a_row} non-finite steps in a row; aborting. "
                                          f"Last complete checkpoint: {last_save}")
             continue
         seconds = time.time() - t0
@@ -1271,15 +1275,32 @@ def train(cfg: Config) -> str:
     return final
 
 
+def check_writable(output_dir: str):
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"--output_dir {output_dir!r} is not writable: {err}") from err
+
+
 def main(argv: list[str] | None = None):
+    """Bad input ends with one line `selfkd: error: ...` and exit code 2; a run that has to stop
+    (non-finite steps, a failed save) with exit code 1. No traceback as the only message."""
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         fail(str(err))
     try:
         train(cfg)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, OSError) as err:
-        fail(f"{type(err).__name__}: {err}" if not isinstance(err, (ConfigError, DataError)) else str(err))
+    except (ConfigError, DataError) as err:
+        fail(str(err))
+    except (FileNotFoundError, KeyError, ValueError, OSError) as err:  # bad model files or paths
+        fail(f"{type(err).__name__}: {err}")
+    except TrainingAborted as err:
+        fail(str(err), code=1)
 
 
 if __name__ == "__main__":

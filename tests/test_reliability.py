@@ -1,0 +1,242 @@
+"""What a user sees when things go wrong: bad data, bad model directories, bad flags, a crash
+mid-save, non-finite losses, a dead rank, a full disk. Each case is a real run of the CLI."""
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data", "sample_alpaca.jsonl")
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def cli(args, fault=None, script="selfkd.py", timeout=300):
+    env = dict(ENV, SELFKD_FAULT=fault or "")
+    path = os.path.join(ROOT, script if script == "selfkd.py" else os.path.join("tests", script))
+    return subprocess.run([sys.executable, path, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def small_run(model_dir, out_dir, *extra):
+    return ["--model", model_dir, "--dataset", f"{SAMPLE}#24", "--split_dataset_ratio", "0",
+            "--torch_dtype", "float32", "--max_length", "128", "--max_completion_length", "8",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lmbda", "0",
+            "--teacher_sees_reference", "true", "--logging_steps", "1", "--eval_steps", "1000",
+            "--save_only_model", "false", "--output_dir", out_dir, *extra]
+
+
+def one_line_error(result, pattern, code=2):
+    """Exit `code`, a single `selfkd: error:` line matching `pattern`, and no traceback."""
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("selfkd: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert re.search(pattern, errors[0]), errors[0]
+    assert "Traceback" not in result.stderr
+
+
+# 1. bad data ---------------------------------------------------------------------------------
+
+BAD_DATA = {
+    "truncated_json_array": (b'[{"instruction": "a", "output": "b"}, {"instruction": "c", "out',
+                             r"bad\.json:1: malformed JSON"),
+    "truncated_jsonl_line": (b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "outp\n',
+                             r"bad\.jsonl:2"),
+    "wrong_type": (b'{"instruction": "a", "output": "b"}\n{"instruction": 5, "output": "b"}\n',
+                   r"bad\.jsonl:2.*instruction"),
+    "missing_field": (b'{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n', r"bad\.jsonl:2.*output"),
+    "empty_completion": (b'{"instruction": "a", "output": ""}\n', r"bad\.jsonl:1.*empty"),
+    "invalid_utf8": (b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff\xfe", "output": "b"}\n',
+                     r"bad\.jsonl.*byte (offset )?\d+"),
+    "unknown_format": (b'{"question": "a", "answer": "b"}\n', r"bad\.jsonl:1.*format"),
+    "empty_file": (b"", r"bad\.jsonl: the file is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_fails_with_file_and_line(case, tiny_model_dir, tmp_path):
+    content, pattern = BAD_DATA[case]
+    path = tmp_path / ("bad.json" if case == "truncated_json_array" else "bad.jsonl")
+    path.write_bytes(content)
+    started = time.time()
+    result = cli(small_run(tiny_model_dir, str(tmp_path / "out"), "--max_steps", "1") + ["--dataset", str(path)])
+    one_line_error(result, pattern)
+    assert time.time() - started < 60  # fails before any model is loaded
+
+
+def test_bad_rows_are_counted_and_named_when_skipping(tiny_model_dir, tmp_path):
+    """--skip_bad_rows: a 10 MB single line, a row longer than max_length, broken rows and
+    special-token strings in user text; the run goes on and every skipped row is named."""
+    good = [json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) for i in range(8)]
+    rows = good[:4] + [
+        json.dumps({"instruction": "x " * 5_000_000, "output": "long"}),  # 10 MB line, cannot fit
+        '{"instruction": 3, "output": "b"}',
+        '{"instruction": "broken", "outp',
+        json.dumps({"instruction": "Ignore <|im_end|> this <|im_start|>", "output": "ok"}),
+    ] + good[4:]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    result = cli(small_run(tiny_model_dir, str(tmp_path / "out"), "--max_steps", "1", "--skip_bad_rows", "true",
+                           "--dataset", str(path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert re.search(r"skipped row: .*mixed\.jsonl:6", out) and re.search(r"skipped row: .*mixed\.jsonl:7", out)
+    assert re.search(r"skipped: \{.*\}", out)
+    assert re.search(r"truncated: .*1", out)  # the 10 MB row could not fit and is counted
+
+
+# 2. bad model directories ----------------------------------------------------------------------
+
+
+def test_model_directory_that_does_not_exist(tmp_path):
+    result = cli(["--model", str(tmp_path / "nope"), "--dataset", SAMPLE])
+    one_line_error(result, r"nope")
+
+
+def test_model_directory_with_a_non_qwen3_omni_config(tiny_model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "llama"
+    shutil.copytree(tiny_model_dir, bad)
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    result = cli(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"))
+    one_line_error(result, r"'llama' is not a Qwen3-Omni")
+
+
+def test_model_directory_with_a_missing_shard(tiny_model_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "noshard"
+    shutil.copytree(tiny_model_dir, bad)
+    os.remove(glob.glob(str(bad / "model-*.safetensors"))[0])
+    result = cli(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"))
+    one_line_error(result, r"shard .*model-00001-of-00001\.safetensors.* does not exist")
+
+
+# 3. bad flags: clear errors before any heavy work ----------------------------------------------
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--lmbda", "1.5"], r"--lmbda.*1\.5.*\[0, 1\]"),
+    (["--beta", "-0.1"], r"--beta"),
+    (["--temperature", "0"], r"--temperature"),
+    (["--lora_rank", "0"], r"--lora_rank"),
+    (["--lmbad", "0.5"], r"--lmbad.*--lmbda"),
+    (["--teacher_model", "/some/other/model"], r"teacher.*LoRA"),
+])
+def test_bad_flags_fail_fast(flags, pattern, tiny_model_dir):
+    started = time.time()
+    result = cli(["--model", tiny_model_dir, "--dataset", SAMPLE, *flags])
+    one_line_error(result, pattern)
+    assert time.time() - started < 30
+
+
+def test_unwritable_output_directory_fails_before_training(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    result = cli(small_run(tiny_model_dir, str(blocker / "out"), "--max_steps", "1"))
+    one_line_error(result, r"--output_dir .* is not writable")
+
+
+# 4. crash during a checkpoint save; save_total_limit -----------------------------------------
+
+
+def test_sigkill_during_save_never_leaves_a_checkpoint_resume_would_pick(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    args = small_run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1")
+    killed = cli(args, fault="kill_during_save=2", script="faulty_selfkd.py")
+    assert killed.returncode == -signal.SIGKILL
+    assert os.path.isdir(os.path.join(out, ".tmp-checkpoint-4"))  # the half-written one...
+    assert not os.path.exists(os.path.join(out, "checkpoint-4"))  # ...is never presented as complete
+    assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-2"
+    resumed = cli(args + ["--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "checkpoint-2 at step 2" in resumed.stdout
+    # save_total_limit 1 kept exactly the newest complete checkpoint; the debris is gone
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-4"]
+
+
+# 6. non-finite losses ---------------------------------------------------------------------------
+
+
+def test_non_finite_steps_are_skipped_and_logged(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    result = cli(small_run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "4",
+                           "--max_nonfinite_steps", "3"), fault="nan_loss=2,3", script="faulty_selfkd.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 2: non-finite loss on some rank, step skipped (1 in a row" in result.stdout
+    assert "step 3: non-finite loss on some rank, step skipped (2 in a row" in result.stdout
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [1, 4]
+
+
+def test_too_many_non_finite_steps_abort_without_saving(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    result = cli(small_run(tiny_model_dir, out, "--max_steps", "6", "--save_steps", "1",
+                           "--max_nonfinite_steps", "2"), fault="nan_loss=2,3,4", script="faulty_selfkd.py")
+    one_line_error(result, r"2 non-finite steps in a row; aborting.*checkpoint-1", code=1)
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1"]
+
+
+# 7. a rank dies ----------------------------------------------------------------------------------
+
+
+def test_a_dead_rank_ends_the_job_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    import psutil
+
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "selfkd.py"), *small_run(tiny_model_dir, out, "--max_steps", "500", "--save_steps", "2",
+                                                       "--ddp_timeout", "60")]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not os.path.isfile(os.path.join(out, "checkpoint-2", "trainer_state.json")):
+            assert launcher.poll() is None and time.time() < deadline, "training did not reach its first checkpoint"
+            time.sleep(0.5)
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "selfkd.py" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.kill()
+        killed_at = time.time()
+        launcher.wait(timeout=120)
+        assert launcher.returncode != 0
+        assert time.time() - killed_at < 120
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    state = json.load(open(os.path.join(out, "checkpoint-2", "trainer_state.json")))
+    assert state["step"] == 2
+    from safetensors.torch import load_file
+
+    assert load_file(os.path.join(out, "checkpoint-2", "adapter_model.safetensors"))
+
+
+# 8. disk full at save time -------------------------------------------------------------------
+
+
+def test_disk_full_at_save_is_a_clear_error_and_keeps_older_checkpoints(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    result = cli(small_run(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "1"),
+                 fault="enospc_during_save=2", script="faulty_selfkd.py")
+    one_line_error(result, r"writing checkpoint .*checkpoint-2.* failed: .*No space left on device.*"
+                           r"Previous checkpoints .* are intact", code=1)
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1"]
+    assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-1"
+
+
+# 9. nothing is unpickled ---------------------------------------------------------------------
+
+
+def test_no_pickle_anywhere_in_the_code():
+    sources = [p for p in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))]
+    assert len(sources) >= 4
+    for path in sources:
+        text = open(path).read()
+        assert not re.search(r"\bimport pickle\b|\bpickle\.|\bcPickle\b|\bdill\b", text), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
