@@ -91,6 +91,43 @@ def test_sampling_is_seeded_and_respects_max_length(tiny_model_dir):
     assert model.training  # sampling switched to eval and back
 
 
+def test_teacher_sampling_is_the_base_model(tiny_model_dir):
+    """--seq_kd samples with LoRA off: the same tokens as a model that never had LoRA."""
+    from lora import lora_disabled
+
+    cfg = Config(temperature=1.0, max_completion_length=8, gather_for_generation=False)
+    model = student(tiny_model_dir)
+    with torch.no_grad():
+        for _, p in lora_parameters(model):
+            p.add_(0.1)  # a trained-looking adapter
+    base = load_thinker(tiny_model_dir, dtype=torch.float32)
+    tok, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
+    args = (batch.teacher_prompt_ids, batch.teacher_prompt_mask, cfg, tok)
+    with lora_disabled(model):
+        teacher = sample_completions(model, *args, torch.Generator().manual_seed(3))
+    reference = sample_completions(base, *args, torch.Generator().manual_seed(3))
+    student_draw = sample_completions(model, *args, torch.Generator().manual_seed(3))
+    assert torch.equal(teacher[0], reference[0])
+    assert not torch.equal(student_draw[0], reference[0])
+
+
+def test_the_fixed_point_warning_and_step0_loss_are_printed(tiny_model_dir, tmp_path):
+    """A dataset without teacher context, no --sft_alpha: the user is told, loudly, that nothing
+    will be learned, and sees the step-0 loss of exactly 0."""
+    import json as _json
+
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(_json.dumps({"instruction": f"Add {i} and {i}.", "output": f"{2 * i}."}) + "\n"
+                             for i in range(16)))
+    out = run_selfkd(["--model", tiny_model_dir, "--dataset", str(plain), "--split_dataset_ratio", "0",
+                      "--torch_dtype", "float32", "--max_length", "96", "--max_completion_length", "8",
+                      "--per_device_train_batch_size", "2", "--lmbda", "0", "--max_steps", "1",
+                      "--output_dir", str(tmp_path / "out")], nproc=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WARNING: the teacher sees exactly what the student sees" in out.stdout
+    assert "step-0 loss: 0.000000" in out.stdout
+
+
 def test_branch_draw_and_schedule():
     cfg = Config(lmbda=0.5, seed=42, learning_rate=1e-3, warmup_ratio=0.1)
     draws = [is_on_policy(cfg, s) for s in range(200)]
@@ -141,7 +178,9 @@ def test_two_process_zero3_end_to_end_and_exact_resume(tiny_model_dir, tmp_path)
     assert sorted(os.listdir(full)) == ["checkpoint-3", "checkpoint-6", "latest", "metrics.jsonl"]
 
     resumed = str(tmp_path / "resumed")
-    out = run_selfkd(common + ["--output_dir", resumed, "--resume_from_checkpoint", os.path.join(full, "checkpoint-3")])
+    # generation without the one-time gather (per-module ZeRO-3 gathers) must sample the same tokens
+    out = run_selfkd(common + ["--output_dir", resumed, "--resume_from_checkpoint", os.path.join(full, "checkpoint-3"),
+                               "--gather_for_generation", "false"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     again = metrics(resumed)
     assert [m["step"] for m in again] == [4, 5, 6]
