@@ -24,6 +24,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import timedelta
@@ -1293,6 +1294,8 @@ def main(argv: list[str] | None = None):
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         fail(str(err))
+    # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call floods the log
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)", category=FutureWarning)
     try:
         train(cfg)
     except (ConfigError, DataError) as err:
