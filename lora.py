@@ -101,10 +101,18 @@ class LoRAExperts(Experts):
         self.scaling = alpha / rank
         self.lora_enabled, self.merged = True, False
 
-    def project(self, x, e: int, which: str):
-        y = x @ getattr(self, which)[e].T
+    def per_expert(self) -> dict:
+        w = super().per_expert()
+        if self.lora_enabled and not self.merged:  # switched off: the LoRA stacks are not touched
+            for which in ("gate_up", "down"):
+                w[f"{which}_A"] = getattr(self, f"lora_{which}_A").unbind(0)
+                w[f"{which}_B"] = getattr(self, f"lora_{which}_B").unbind(0)
+        return w
+
+    def project(self, x, e: int, which: str, w: dict):
+        y = x @ w[which][e].T
         if self.lora_enabled and not self.merged:
-            A, B = getattr(self, f"lora_{which[:-5]}_A")[e], getattr(self, f"lora_{which[:-5]}_B")[e]
+            A, B = w[f"{which[:-5]}_A"][e], w[f"{which[:-5]}_B"][e]
             y = y + ((self.dropout(x.to(A.dtype)) @ A.T) @ B.T * self.scaling).to(y.dtype)
         return y
 

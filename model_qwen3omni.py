@@ -207,17 +207,24 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))  # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
 
-    def project(self, x, e: int, which: str):
-        return x @ getattr(self, which)[e].T
+    def per_expert(self) -> dict:
+        """name -> tuple of per-expert views. `unbind` once per forward: indexing w[e] for every
+        expert would give autograd one node per expert, each producing a zero-filled gradient
+        of the whole stack in backward."""
+        return {"gate_up_proj": self.gate_up_proj.unbind(0), "down_proj": self.down_proj.unbind(0)}
+
+    def project(self, x, e: int, which: str, w: dict):
+        return x @ w[which][e].T
 
     def forward(self, x_sorted, counts: list[int]):
         """x_sorted [S, H] grouped by expert -> [S, H]."""
+        w = self.per_expert()
         out = []
         for e, x in enumerate(x_sorted.split(counts)):
             if x.shape[0] == 0:
                 continue
-            gate, up = self.project(x, e, "gate_up_proj").chunk(2, dim=-1)  # [n, I] each
-            out.append(self.project(F.silu(gate) * up, e, "down_proj"))  # [n, H]
+            gate, up = self.project(x, e, "gate_up_proj", w).chunk(2, dim=-1)  # [n, I] each
+            out.append(self.project(F.silu(gate) * up, e, "down_proj", w))  # [n, H]
         return torch.cat(out)
 
 

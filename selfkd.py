@@ -10,6 +10,11 @@ The file reads top to bottom:
   1. config / flags      parse_args(argv) -> Config, accepting the ms-swift `swift rlhf` flags
   2. loss                generalized_jsd, chunked_generalized_jsd, sft_loss_sum
   3. sampling filters    filter_logits, sample_next
+  4. sampling loop       sample_completions (KV-cache decoding, ranks step in lockstep)
+  5. DeepSpeed setup     deepspeed_config, init_distributed, build_student (loads into ZeRO-3 partitions)
+  6. training pieces     lr_at, is_on_policy, micro_batches, gkd_loss_sums, evaluate
+  7. checkpoints         save_checkpoint / load_checkpoint (atomic, safetensors + JSON)
+  8. the loop            train, main
 """
 
 from __future__ import annotations
