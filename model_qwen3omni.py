@@ -615,7 +615,11 @@ def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_i
     cache = KVCache(model.cfg, B, P + max_new_tokens, first.dtype, prompt_ids.device)
     eos = torch.tensor(list(eos_ids), device=prompt_ids.device)
     mask = prompt_mask
-    logits = model(prompt_ids, mask, cache)[:, -1]  # [B, V]
+
+    def next_logits(ids):  # only the last position needs logits: [B, V], not [B, T, V]
+        return model.lm_head(model(ids, mask, cache, return_hidden=True)[:, -1])
+
+    logits = next_logits(prompt_ids)
     finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
     for _ in range(max_new_tokens):
@@ -627,5 +631,5 @@ def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_i
         if (all_done(done) if all_done is not None else done) or len(tokens) == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(tokens[-1][:, None], mask, cache)[:, -1]
+        logits = next_logits(tokens[-1][:, None])
     return torch.stack(tokens, 1), torch.stack(alive, 1).long()

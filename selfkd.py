@@ -665,15 +665,19 @@ def sample_next(logits, temperature, top_k=0, top_p=1.0, generator=None):
     """Next token ids [B] from logits [B, V].
 
     temperature 0 or None: greedy argmax. Otherwise divide by the temperature (in fp32),
-    filter (top-k, then top-p) and draw with torch.multinomial from `generator`.
+    filter (top-k, then top-p) and draw by inverting the CDF with one uniform per row from
+    `generator` (torch.multinomial draws one random number per vocabulary entry: 152064 per
+    row per decode step).
     """
     if not temperature:
         return logits.argmax(dim=-1)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = filter_logits(logits.float() / temperature, top_k, top_p)  # [B, V]
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # [B]
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [B, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # [B, 1]
+    ids = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first index whose cdf exceeds u
+    return ids.clamp(max=cdf.shape[-1] - 1)  # [B]
 
 
 # ----------------------------------------------------------------------------------------------
