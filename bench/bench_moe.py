@@ -27,14 +27,18 @@ Repetitions are interleaved (selfkd, HF eager, HF grouped_mm, ...; the order rot
 after --warmup untimed runs; medians are reported; ratio = variant time / selfkd time (for HF
 rows > 1 means selfkd is faster). A variant whose step exceeds --max-step-s is not repeated.
 
-In full mode selfkd's step takes minutes at this width: each `gate_up_proj[e]` / `down_proj[e]`
-select has a SelectBackward that materialises a zero-filled gradient of the WHOLE stacked tensor
-per expert (128 x 1.6 GB + 128 x 0.8 GB in fp32), which autograd then sums. HF eager indexes the
-same way and has the same cost, so full mode times only HF grouped_mm unless --full-impls says
-otherwise (a default run then takes ~4-5 min on 2 cores; with eager ~8 min). --proposed adds
-"selfkd+unbind", a prototype of the fix (weights unbound once per forward: one UnbindBackward
-stacks the per-expert grads once); it is defined in this file, model_qwen3omni.py is unchanged.
+HF eager's full step takes minutes at this width: each `gate_up_proj[expert_idx]` select has a
+SelectBackward that materialises a zero-filled gradient of the WHOLE stacked tensor per expert
+(128 x 1.6 GB + 128 x 0.8 GB in fp32), which autograd then sums (selfkd had the same cost until
+Experts.per_expert() unbound the stacks once per forward). So full mode times HF eager only if
+--full-impls says so (~3.5 min per step; it is run once, see --max-step-s).
+--proposed adds "selfkd+grouped_mm (prototype)": selfkd's SparseMoE with its expert loop replaced
+by two torch.nn.functional.grouped_mm calls (defined in this file; model_qwen3omni.py unchanged).
 --profile prints torch.profiler top ops of one selfkd step per mode.
+
+A default run takes ~3 min on 2 idle cores (fp32; --proposed adds ~1 min). Other jobs on the
+machine slow selfkd's per-expert loop far more than grouped_mm (each of its ~1500 small ops per
+step waits for both OpenMP threads to be scheduled), so read the min column next to the median.
 """
 
 import argparse
@@ -51,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model_qwen3omni import Experts, SparseMoE, ThinkerConfig  # noqa: E402
 
 IMPLS = ("eager", "grouped_mm")
-PROPOSED = "selfkd+unbind (proposed)"
+PROPOSED = "selfkd+grouped_mm (prototype)"
 
 
 def parse_args():
@@ -69,11 +73,12 @@ def parse_args():
     p.add_argument("--impls", default=",".join(IMPLS), help="HF experts implementations timed in frozen mode")
     p.add_argument("--full-impls", default="grouped_mm",
                    help="HF experts implementations timed in full mode (eager: ~3 min per step at real width)")
-    p.add_argument("--max-step-s", type=float, default=30.0,
+    p.add_argument("--max-step-s", type=float, default=90.0,
                    help="a variant whose fwd+bwd takes longer is not repeated (its first step is the sample)")
-    p.add_argument("--proposed", action="store_true", help="also time the prototype fix (selfkd+unbind)")
-    p.add_argument("--weight-grads", default=f"HF grouped_mm,{PROPOSED}",
-                   help="comma list of variants whose weight grads the check compares (selfkd, 'HF eager': slow)")
+    p.add_argument("--proposed", action="store_true",
+                   help="also time selfkd's SparseMoE with grouped_mm experts (prototype in this file)")
+    p.add_argument("--weight-grads", default=f"selfkd,HF grouped_mm,{PROPOSED}",
+                   help="comma list of variants whose weight grads the check compares ('HF eager': ~3.5 min)")
     p.add_argument("--router-std", type=float, default=None,
                    help="router weight std (default 1/sqrt(hidden): router logits ~ N(0, 1))")
     p.add_argument("--seed", type=int, default=0)
@@ -120,7 +125,7 @@ def build(args, dtype):
     if args.proposed:
         with torch.device("meta"):
             prop = SparseMoE(cfg)
-            prop.experts = UnbindExperts(E, H, I)
+            prop.experts = GroupedExperts(E, H, I)
         prop.gate.weight = ours.gate.weight
         prop.experts.gate_up_proj = ours.experts.gate_up_proj
         prop.experts.down_proj = ours.experts.down_proj
@@ -128,23 +133,18 @@ def build(args, dtype):
     return ours, hf, hf_cfg, prop, router_std
 
 
-class UnbindExperts(Experts):
-    """PROTOTYPE of the proposed fix (not selfkd code): unbind the stacked weights once per forward.
+class GroupedExperts(Experts):
+    """PROTOTYPE (not selfkd code): the expert loop as two grouped matmuls over the sorted rows.
 
-    `w[e]` from `w.unbind(0)` is a view like `w[e]`, but autograd sees ONE UnbindBackward for the
-    whole stack, which stacks the per-expert grads once (zeros for experts without tokens),
-    instead of one SelectBackward per expert, each allocating and zero-filling a gradient of the
-    full [E, ...] tensor that autograd then adds up."""
+    torch.nn.functional.grouped_mm (torch >= 2.10: CPU, and CUDA sm80+ in bf16) runs every
+    expert's matmul in one op, forward and backward, so the step issues ~20 ops instead of
+    ~12 per expert. Rows of expert e are offs[e-1]:offs[e]; experts without rows are skipped.
+    (The LoRA hook would need the same treatment: grouped_mm with A^T and B^T.)"""
 
     def forward(self, x_sorted, counts):
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        out = []
-        for e, x in enumerate(x_sorted.split(counts)):
-            if x.shape[0] == 0:
-                continue
-            gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
-            out.append((F.silu(gate) * up) @ down[e].T)
-        return torch.cat(out)
+        offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
 
 
 class ImplRecorder:
@@ -221,7 +221,7 @@ def check(variants, named, x, cot, rec, weight_grads):
         gw = [p.grad for p in params] if want_gw else None
         for p in params:
             p.grad = None
-        line = f"{name:24s}"
+        line = f"{name:30s}"
         if impl is not None:
             expected = "eager" if impl == "eager" else "grouped_mm_experts_forward"
             line += (f" ran {ran[1]} (config._experts_implementation={ran[0]!r}, "
@@ -301,8 +301,8 @@ def bench_mode(mode, variants, params, x, cot, reps, warmup, max_step_s, rec):
             if t > max_step_s:
                 stopped.add(n)
                 note = f"  (> --max-step-s {max_step_s:g}: not repeated" + (", warmup kept as the sample)" if r < warmup else ")")
-            print(f"  [{mode}] {tag:7s} {n:24s} fwd {f:8.3f} s  fwd+bwd {t:8.3f} s{note}", flush=True)
-    return {n: (len(v), statistics.median(a for a, _ in v), statistics.median(b for _, b in v))
+            print(f"  [{mode}] {tag:7s} {n:30s} fwd {f:8.3f} s  fwd+bwd {t:8.3f} s{note}", flush=True)
+    return {n: (len(v), statistics.median(a for a, _ in v), statistics.median(b for _, b in v), min(b for _, b in v))
             for n, v in samples.items()}
 
 
@@ -331,6 +331,7 @@ def main():
           f"dtype {args.dtype}")
     print(f"shape: x [1, {args.tokens}, {args.hidden}], {args.experts} experts, top-{args.topk}, "
           f"moe_intermediate {args.inter}, norm_topk_prob true")
+    print("load average at start: %.2f %.2f %.2f (this machine has %d cores)" % (os.getloadavg() + (os.cpu_count(),)))
 
     ours, hf, hf_cfg, prop, router_std = build(args, dtype)
     named = list(ours.named_parameters())
@@ -373,18 +374,23 @@ def main():
     print(f"\n## MoE block fwd+bwd on CPU ({torch.get_num_threads()} threads, {args.dtype}, x [1, {args.tokens}, "
           f"{args.hidden}], E={args.experts}, top-{args.topk}, I={args.inter}): median seconds of n interleaved reps "
           f"after {args.warmup} warmup\n")
-    print("ratio = variant fwd+bwd / selfkd fwd+bwd (for HF rows > 1 means selfkd is faster)"
+    print("ratio = variant fwd+bwd / selfkd fwd+bwd, of the medians and of the minima (for HF rows > 1 means selfkd "
+          "is faster; the minimum is the least disturbed by other jobs)"
           + (f"; last column: HF / {PROPOSED}" if prop is not None else "") + "\n")
-    print("| mode | variant | n | fwd s | fwd+bwd s | ratio vs selfkd |" + (" ratio vs proposed |" if prop is not None else ""))
-    print("|---|---|---:|---:|---:|---:|" + ("---:|" if prop is not None else ""))
+    print("| mode | variant | n | fwd s | fwd+bwd s | min fwd+bwd s | ratio vs selfkd (median) | ratio (min) |"
+          + (" ratio HF / prototype |" if prop is not None else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if prop is not None else ""))
     for mode in modes:
-        base = results[mode]["selfkd"][2]
+        base, bmin = results[mode]["selfkd"][2:]
         pbase = results[mode][PROPOSED][2] if prop is not None else None
-        for n, (k, f, tt) in results[mode].items():
-            row = f"| {mode} | {n} | {k} | {f:.3f} | {tt:.3f} | {'' if n == 'selfkd' else f'{tt / base:.2f}'} |"
+        for n, (k, f, tt, tmin) in results[mode].items():
+            row = (f"| {mode} | {n} | {k} | {f:.3f} | {tt:.3f} | {tmin:.3f} | "
+                   f"{'' if n == 'selfkd' else f'{tt / base:.2f}'} | {'' if n == 'selfkd' else f'{tmin / bmin:.2f}'} |")
             if prop is not None:
                 row += f" {f'{tt / pbase:.2f}' if n.startswith('HF') else ''} |"
             print(row)
+    print("\nload average at end: %.2f %.2f %.2f (%d cores; other jobs inflate absolute times, interleaving keeps "
+          "the ratios fairer)" % (os.getloadavg() + (os.cpu_count(),)))
     print("\nmodes: full = input, router and expert weights require grad; frozen = only the input does (LoRA case)")
     print("command: " + shlex.join([os.path.relpath(sys.executable)] + sys.argv))
 
