@@ -575,13 +575,13 @@ def _check_hidden_args(student_hidden, lm_head_weight, mask) -> None:
 
 
 def chunked_generalized_jsd(student_hidden, teacher_hidden, lm_head_weight, mask, beta,
-                            temperature, chunk_size=512):
+                            temperature, chunk_size=128):
     """generalized_jsd of the logits hidden @ lm_head_weight.T, chunk by chunk.
 
     student_hidden, teacher_hidden: [..., H] final hidden states (teacher: no grad);
     lm_head_weight: [V, H], frozen; mask: [...] bool. -> (loss_sum [], num_tokens int)
-    Peak extra memory is about 8 fp32 [chunk_size, V] buffers (~2.5 GB at 512 x 152064)
-    plus one [n, H] gradient; the [n, V] logits never exist whole. lm_head_weight is read in
+    Peak extra memory is about 8 fp32 [chunk_size, V] buffers (~0.6 GB at 128 x 152064; 128
+    rows are as fast as 512 on CPU, see BENCHMARKS.md) plus one [n, H] gradient; the [n, V] logits never exist whole. lm_head_weight is read in
     this call only, never in backward: under ZeRO-3 gather it around this call alone.
     """
     _check_jsd_args(beta, temperature)
@@ -605,7 +605,7 @@ def chunked_generalized_jsd(student_hidden, teacher_hidden, lm_head_weight, mask
     return loss, hs.shape[0]
 
 
-def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=512):
+def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=128):
     """Cross-entropy (temperature 1) summed over the valid tokens, chunked -> loss_sum [].
 
     student_hidden: [..., H]; lm_head_weight: [V, H] frozen; target_ids: [...] the token each
