@@ -49,18 +49,22 @@ from types import SimpleNamespace
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), HERE]
+if "--src" in sys.argv:  # a prototype copy of selfkd.py / model_qwen3omni.py / lora.py / data.py goes first
+    sys.path.insert(0, os.path.abspath(sys.argv[sys.argv.index("--src") + 1]))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-SECTIONS = ("step", "memory", "loss", "gen")
+SECTIONS = ("step", "memory", "loss", "gen", "moe")
+DEFAULT_SECTIONS = ("step", "memory", "loss", "gen")  # moe: for the GPU (on CPU bench/bench_moe.py covers it)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (median reported)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
+    p.add_argument("--moe-tokens", type=int, default=2048, help="tokens through the MoE block (section moe)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
@@ -72,13 +76,24 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--loss-rows", type=int, default=640, help="rows of the loss-alone benchmark")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="chunk_size of the loss-alone run (default: chunked_generalized_jsd's own default)")
     p.add_argument("--mm-size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 CUDA)")
     p.add_argument("--no-gc-row", action="store_true", help="skip the selfkd gradient-checkpointing row")
+    p.add_argument("--mem-warmup", action="store_true",
+                   help="memory workers run one untimed step before the measured one (all variants alike)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one step of each variant")
     p.add_argument("--ckpt-dir", default=None, help="where the random checkpoint is cached")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument("--src", default=None, help="import selfkd/model_qwen3omni/lora/data from this directory "
+                                               "(a prototype copy) instead of the repository")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one memory variant
     a = p.parse_args(argv)
+    if a.loss_chunk is None:
+        import inspect
+
+        from selfkd import chunked_generalized_jsd
+        a.loss_chunk = inspect.signature(chunked_generalized_jsd).parameters["chunk_size"].default
     a.only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in a.only if s not in SECTIONS]
     if bad:
@@ -105,7 +120,7 @@ def model_config(a):
 
 def ckpt_path(a, cfg):
     tag = f"h{cfg.hidden_size}-l{cfg.num_hidden_layers}-e{cfg.num_experts}k{cfg.num_experts_per_tok}-" \
-          f"i{cfg.moe_intermediate_size}-v{cfg.vocab_size}"
+          f"i{cfg.moe_intermediate_size}-v{cfg.vocab_size}" + ("-bf16" if a.dtype == "bfloat16" else "")
     return os.path.join(a.ckpt_dir or os.path.join("/tmp", "selfkd_bench"), tag)
 
 
@@ -123,6 +138,8 @@ def ensure_checkpoint(a, cfg, log=print):
     tmp = f"{path}.tmp-{os.getpid()}"
     hf.to(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32).save_pretrained(tmp)
     del hf
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     os.replace(tmp, path)
     log(f"wrote random checkpoint {path} ({time.perf_counter() - t:.1f} s)")
     return path
@@ -158,8 +175,10 @@ def load_ours(a, path, cfg):
 def adapter_dir(a, cfg, ours):
     from lora import save_adapter
 
+    """Our LoRA weights as a PEFT adapter. Written afresh whenever `ours` is given (the memory workers,
+    which pass None, read the one the parent process wrote in the same run)."""
     d = ckpt_path(a, cfg) + "-adapter"
-    if not os.path.isfile(os.path.join(d, "adapter_model.safetensors")):
+    if ours is not None:
         save_adapter(ours, d)
     return d
 
@@ -370,7 +389,7 @@ def memory_worker(a, variant):
     out = {"variant": variant, "rss_imports_gib": rss_imports}
     if variant.startswith("loss-"):
         inputs = loss_inputs(a, cfg)
-        run = (lambda: loss_selfkd(inputs)) if variant == "loss-selfkd" else (lambda: loss_trl(inputs))
+        run = (lambda: loss_selfkd(inputs, a.loss_chunk)) if variant == "loss-selfkd" else (lambda: loss_trl(inputs))
     else:
         path = ckpt_path(a, cfg)
         data = make_data(a, cfg)
@@ -388,6 +407,8 @@ def memory_worker(a, variant):
             teacher = separate_teacher(load_hf_thinker(a, path)) if "-2T" in variant else shared_teacher(peft_model)
             opt = torch.optim.AdamW(lora_params(peft_model), lr=1e-5)
             run = lambda: peer_step(a, peft_model, teacher, opt, data, on_policy)  # noqa: E731
+    if a.mem_warmup:  # e.g. a torch.compile'd prototype: keep compilation out of the measured step
+        run()
     out["rss_loaded_gib"] = rss_gib()
     out["hwm_load_gib"] = _status_kib("VmHWM:") / 2**20
     reset_hwm()
@@ -413,9 +434,8 @@ def run_memory(a, cfg, results, log):
     adapter_dir(a, cfg, ours)
     del ours
     rows = {}
-    argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
     for v in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), *strip_flags(argv), "--worker", v]
+        cmd = [sys.executable, os.path.abspath(__file__), *strip_flags(sys.argv[1:]), "--worker", v]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -524,7 +544,8 @@ def count_flops(cfg, B, P, C, lora_r=8):
     body = teacher + student + backward
     ours_head = 3 * B * C * head_row  # teacher + student logits on completion rows + dL/dhidden
     peer_head = 3 * B * T * head_row  # full-sequence logits for both + backward over all rows
-    # generation: prefill (both sides compute logits at all P prompt positions) + C - 1 decode steps
+    # generation: prefill + C - 1 decode steps; selfkd's generate projects only the last position onto
+    # the vocabulary (since f23e4c5), transformers' thinker projects every prompt position
     prefill = B * P * L * (base + lora + attn(P))
     decode = sum(B * L * (base + lora + attn(P + t + 1)) for t in range(1, C))
     gen_head_exec = (B * P + B * (C - 1)) * head_row
@@ -533,7 +554,7 @@ def count_flops(cfg, B, P, C, lora_r=8):
         "off": {"model": body + ours_head, "selfkd": body + ours_head, "peer": body + peer_head,
                 "lm_head_selfkd": ours_head, "lm_head_peer": peer_head, "body": body, "student_fwd": student},
         "on": {"model": body + ours_head + prefill + decode + gen_head_min,
-               "selfkd": body + ours_head + prefill + decode + gen_head_exec,
+               "selfkd": body + ours_head + prefill + decode + gen_head_min,
                "peer": body + peer_head + prefill + decode + gen_head_exec},
     }
 
@@ -655,7 +676,7 @@ def run_profile(a, cfg, ours, peer, data, log):
     oopt = torch.optim.AdamW(lora_params(ours), lr=1e-5)
     popt = torch.optim.AdamW(lora_params(peer), lr=1e-5)
     gen = torch.Generator(device=a.device).manual_seed(0)
-    sort = "self_cuda_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
+    sort = "self_device_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
     for name, fn in (("selfkd-off", lambda: selfkd_step(a, cfg, ours, oopt, data, False)),
                      ("selfkd-on", lambda: selfkd_step(a, cfg, ours, oopt, data, True, gen)),
                      ("peer-off", lambda: peer_step(a, peer, shared_teacher(peer), popt, data, False))):
@@ -676,10 +697,10 @@ def loss_inputs(a, cfg):
     return (hs, ht, weight, mask, a.beta, a.temperature)
 
 
-def loss_selfkd(inputs):
+def loss_selfkd(inputs, chunk):
     from bench_loss import selfkd_chunked
 
-    return selfkd_chunked(*inputs, 512)  # the trainer's default chunk size
+    return selfkd_chunked(*inputs, chunk)
 
 
 def loss_trl(inputs):
@@ -690,9 +711,9 @@ def loss_trl(inputs):
 
 def run_loss(a, cfg, results, log):
     log(f"\n## Loss alone: [{a.loss_rows} x {cfg.vocab_size}] logits from hidden {cfg.hidden_size} ({a.dtype}), "
-        f"fwd + bwd (bench/bench_loss.py: selfkd_chunked chunk 512 vs trl_fp32 = TRL's formula on fp32 logits)")
+        f"fwd + bwd (bench/bench_loss.py: selfkd_chunked chunk {a.loss_chunk} vs trl_fp32 = TRL's formula on fp32 logits)")
     inputs = loss_inputs(a, cfg)
-    fns = {"selfkd chunked": lambda: loss_selfkd(inputs), "TRL fp32": lambda: loss_trl(inputs)}
+    fns = {"selfkd chunked": lambda: loss_selfkd(inputs, a.loss_chunk), "TRL fp32": lambda: loss_trl(inputs)}
     (lo, go), (lt, gt) = fns["selfkd chunked"](), fns["TRL fp32"]()  # warm-up + check
     diff = float((go.float() - gt.float()).norm() / gt.float().norm())
     log(f"check: loss selfkd {lo:.7f} TRL {lt:.7f} (rel diff {abs(lo - lt) / abs(lt):.2e}); "
@@ -774,6 +795,57 @@ def run_gen(a, cfg, ours, peer, data, results, log):
     results["gen"] = rows
 
 
+def run_moe(a, cfg, results, log):
+    """One MoE block at the model's width: selfkd SparseMoE vs transformers' block with its default experts
+    backend (grouped_mm, what PreTrainedModel picks) and eager; same parameter objects (bench_moe.build).
+    Frozen weights (LoRA training: only the input needs a gradient); fwd and fwd+bwd, interleaved."""
+    import bench_moe
+
+    margs = SimpleNamespace(hidden=cfg.hidden_size, experts=cfg.num_experts, topk=cfg.num_experts_per_tok,
+                            inter=cfg.moe_intermediate_size, seed=0, router_std=None, proposed=False)
+    ours, hf, hf_cfg, _, _ = bench_moe.build(margs, torch_dtype(a))
+    ours.to(a.device)  # hf holds the same Parameter objects: moved with it
+    params = list(ours.parameters())
+    for p in params:
+        p.requires_grad_(False)
+    x = torch.randn(1, a.moe_tokens, cfg.hidden_size, device=a.device, dtype=torch_dtype(a))
+    cot = torch.randn_like(x)
+    fns = {"selfkd": ours, "HF grouped_mm": bench_moe.hf_forward(hf, hf_cfg, "grouped_mm"),
+           "HF eager": bench_moe.hf_forward(hf, hf_cfg, "eager")}
+    log(f"\n## MoE block: x [1, {a.moe_tokens}, {cfg.hidden_size}], {cfg.num_experts} experts top-"
+        f"{cfg.num_experts_per_tok}, intermediate {cfg.moe_intermediate_size}, {a.dtype}, frozen weights")
+    ref = None
+    for n, fn in fns.items():  # check + warm-up
+        xi = x.detach().requires_grad_(True)
+        out = fn(xi)
+        out.backward(cot)
+        if ref is None:
+            ref = (out.detach().float(), xi.grad.float())
+        else:
+            log(f"  check {n}: max|out - selfkd| {(out.detach().float() - ref[0]).abs().max().item():.3g}, "
+                f"max|dx - selfkd| {(xi.grad.float() - ref[1]).abs().max().item():.3g}")
+    names = list(fns)
+    fwd, both = {n: [] for n in names}, {n: [] for n in names}
+    for rep in range(max(a.reps, 3)):
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            xi = x.detach().requires_grad_(True)
+            sync(a)
+            t0 = time.perf_counter()
+            out = fns[n](xi)
+            sync(a)
+            t1 = time.perf_counter()
+            out.backward(cot)
+            sync(a)
+            t2 = time.perf_counter()
+            fwd[n].append(t1 - t0)
+            both[n].append(t2 - t0)
+    rows = {n: {"fwd_s": med(fwd[n]), "fwd_bwd_s": med(both[n])} for n in names}
+    for n in names:
+        log(f"{n:<14} fwd {rows[n]['fwd_s'] * 1e3:8.2f} ms  fwd+bwd {rows[n]['fwd_bwd_s'] * 1e3:8.2f} ms  "
+            f"(HF / selfkd fwd+bwd: {rows[n]['fwd_bwd_s'] / rows['selfkd']['fwd_bwd_s']:.2f}x)")
+    results["moe"] = rows
+
+
 def summary(a, cfg, results, log):
     log("\n## Summary (ratio: > 1 means selfkd is better)")
     log("| what | selfkd | peer | ratio |")
@@ -805,6 +877,11 @@ def summary(a, cfg, results, log):
         for o, p in (("selfkd LoRA", "HF+peft LoRA"), ("selfkd base", "HF base")):
             log(f"| generate tokens/s ({o.split()[1]}) | {g[o]['tokens_per_s']:.1f} | {g[p]['tokens_per_s']:.1f} | "
                 f"{g[o]['tokens_per_s'] / g[p]['tokens_per_s']:.2f}x |")
+    mo = results.get("moe")
+    if mo:
+        for n in ("HF grouped_mm", "HF eager"):
+            log(f"| MoE block fwd+bwd (frozen), ms: selfkd vs {n} | {mo['selfkd']['fwd_bwd_s'] * 1e3:.2f} | "
+                f"{mo[n]['fwd_bwd_s'] * 1e3:.2f} | {mo[n]['fwd_bwd_s'] / mo['selfkd']['fwd_bwd_s']:.2f}x |")
     f = results.get("flops")
     if f:
         for n, r in f["rows"].items():
@@ -816,6 +893,8 @@ def main(argv=None):
     a = parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
+    import selfkd  # noqa: F401  (first, so that bench_loss's sys.path edit cannot pick another copy under --src)
+
     if a.worker:
         return memory_worker(a, a.worker)
     t_start = time.perf_counter()
@@ -860,9 +939,13 @@ def main(argv=None):
         run_profile(a, cfg, ours, peer, data, log)
     if "memory" in a.only and a.device != "cpu":
         run_memory_cuda(a, cfg, ours, peer, data, results, log)
-    del ours, peer
+    del ours, peer, data
+    if a.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     if "loss" in a.only:
         run_loss(a, cfg, results, log)
+    if "moe" in a.only:
+        run_moe(a, cfg, results, log)
     if "memory" in a.only and a.device == "cpu":
         run_memory(a, cfg, results, log)
     summary(a, cfg, results, log)

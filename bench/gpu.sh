@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# GPU benchmark: selfkd vs the Hugging Face stack (transformers + peft + TRL) on ONE H100/H200, bf16,
+# the real Qwen3-Omni width with a few layers. Prepared for the lent device machine; sized to finish in
+# under 8 minutes (budget: ~1 min checkpoint build, ~1 min loading, ~3 min timing).
+#
+#   bash bench/gpu.sh                 # writes $OUT/bench_gkd_gpu.{txt,json} ($OUT defaults to bench/out)
+#   LAYERS=2 PROMPT=128 COMPLETION=128 bash bench/gpu.sh   # smaller, if time is short
+#
+# What it measures (bench/bench_gkd.py --device cuda --dtype bfloat16 --real-width):
+#   model    hidden 2048, 32/4 heads x 128, 128 experts top-8, expert intermediate 768, vocab 152064,
+#            $LAYERS layers (default 4), LoRA r8 alpha16 on q,k,v,o + experts, random weights shared by both
+#   step     one GKD step (off-policy and on-policy), median of 3 interleaved reps: completion tokens/s and
+#            model FLOP utilisation against a measured 8192^3 bf16 torch.mm (same process)
+#   memory   torch.cuda.max_memory_allocated over one step: selfkd, peer, peer with a separate teacher copy
+#   loss     chunked GKD loss vs TRL's formula on materialised fp32 logits, 640 x 152064, fwd+bwd
+#   gen      generate tokens/s, selfkd vs HF generate (KV cache), with and without LoRA
+#   moe      one MoE block at real width: selfkd SparseMoE vs transformers' default experts backend
+#            (grouped_mm) and eager, frozen weights, fwd and fwd+bwd
+#
+# Packages. The device image has torch, transformers (5.17 when last read), peft, accelerate, but no
+# trl/datasets and may have other versions than the CPU venv (transformers 5.24, peft 0.21.2, trl 1.16.0).
+# To pin the versions, download the wheels HERE once (the repository root; .whl must be git-ignored):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl transformers==5.24.0 peft==0.21.2 trl==1.16.0 datasets dill multiprocess
+# and call the device with carry [".whl"]: this script installs them into /tmp/site first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-bench/out}
+LAYERS=${LAYERS:-4}
+PROMPT=${PROMPT:-256}
+COMPLETION=${COMPLETION:-256}
+REPS=${REPS:-3}
+BUDGET_S=${BUDGET_S:-450}  # the benchmark's own wall-clock cap (gpu.sh total < 8 min)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+{
+  date -u '+%Y-%m-%d %H:%M UTC'
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PYTHON" - <<'EOF'
+import importlib
+for name in ("torch", "transformers", "peft", "trl", "safetensors", "tokenizers"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as err:  # noqa: BLE001
+        print(f"{name} MISSING ({type(err).__name__}: {err})")
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+# The checkpoint (random weights, released layout) is built on the GPU and cached under /tmp.
+set -o pipefail
+timeout "$BUDGET_S" "$PYTHON" bench/bench_gkd.py --device cuda --dtype bfloat16 --real-width --layers "$LAYERS" \
+  --batch 4 --prompt "$PROMPT" --completion "$COMPLETION" --reps "$REPS" \
+  --only step,memory,loss,gen,moe --no-gc-row --ckpt-dir /tmp/selfkd_bench \
+  --json "$OUT/bench_gkd_gpu.json" 2>&1 | tee "$OUT/bench_gkd_gpu.txt"
