@@ -22,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -358,8 +358,6 @@ def _gathered(params):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    from contextlib import nullcontext
-
     return nullcontext()
 
 

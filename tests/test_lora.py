@@ -1,6 +1,5 @@
 """lora.py against peft 0.21 on transformers 5.24's Qwen3-Omni thinker (tiny random models)."""
 import json
-import os
 
 import pytest
 import torch
