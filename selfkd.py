@@ -1282,6 +1282,10 @@ def train(cfg: Config) -> str:
     if encoded_eval:
         log(f"final eval JSD per token: {evaluate(engine, encoded_eval, cfg, tok, device):.6f}")
     log(f"done: {total} steps; adapter: {final}")
+    # tear the process group down explicitly: left to interpreter exit, its background threads
+    # can abort the process ("terminate called without an active exception") after a good run
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     return final
 
 
