@@ -293,6 +293,17 @@ def positions_and_mask(attention_mask, T: int):
     return positions, mask[:, None]
 
 
+class LMHead(nn.Linear):
+    """The output projection [H] -> [V]. A few rows at a time (decoding) on CPU are computed
+    as (W @ x^T)^T: MKL's small-M path for x @ W^T takes twice as long there (4 rows x 152064,
+    BENCHMARKS.md). Being the module's own forward, ZeRO-3's hooks still gather the weight."""
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 16:
+            return torch.mm(self.weight, x.t()).t().contiguous()  # [V, B] -> [B, V]
+        return super().forward(x)
+
+
 class Thinker(nn.Module):
     def __init__(self, cfg: ThinkerConfig):
         super().__init__()
@@ -300,7 +311,7 @@ class Thinker(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, return_hidden: bool = False):

@@ -401,90 +401,110 @@ def parse_args(argv: list[str]) -> Config:
 # Numerics. Everything is computed in (at least) fp32. Instead of the usual
 # sum p*(log p - log m), which subtracts nearly equal logs and can come out slightly negative
 # (ms-swift logged a negative JSD in bf16), each KL is summed from terms that are each >= 0:
-#   KL(X||Y) = sum_v x*phi(r),  r = log(y/x),  phi(r) = e^r - 1 - r >= 0
-# (the added sum(y - x) is 0 for two distributions). All ratios are built from
-# d = log Q - log P, which is exactly 0 where student and teacher agree, so at the
-# self-distillation fixed point (identical logits) the loss and its gradient are exactly 0.
+#   KL(X||M) = sum_v x*phi(r),  r = log(m/x),  phi(r) = e^r - 1 - r >= 0,  x*(e^r - 1) = m - x.
+# Everything is built from d = log Q - log P, exactly 0 where student and teacher agree, so at
+# the self-distillation fixed point (identical logits) the loss and its gradient are exactly 0:
+#   a = |d|,  x = expm1(-a) = lo/hi - 1 in (-1, 0],  hi = max(p, q),  lo = min(p, q).
+# For 0 < beta < 1, call "near" whichever of P, Q is larger at a token (M lies between them,
+# nearer to it) and "far" the other; c = 1-beta where P is near (d <= 0), beta where Q is:
+#   near: m/hi - 1 = c*x = y,  log(m/hi) = L = log1p(y)      -> term hi*(y - L)
+#   far:  m - lo = (1-c)*hi*(-x),  log(m/lo) = L + a           -> term (1-c)*hi*(-x) - lo*(L + a)
+#   JSD_beta = sum (1-c)*near + c*far   (beta*KL(P||M) + (1-beta)*KL(Q||M), term by term).
+# No e^a appears, so nothing overflows however far apart the distributions are. The near term
+# is >= 0 by rounding (y >= log1p(y)); the far term's two products are both O(a) and it is
+# clamped at its bound 0. beta = 0 and 1 use the same pieces: q - p = -sign(d)*hi*x.
+#
+# Speed (CPU). The cost is passes over [rows, V] and transcendentals per element (an exp costs
+# as much as ten multiplies), not FLOPs. So: three per element (one exp per distribution, the
+# softmax keeping exp(z - max) for both q and log q, then expm1 and log1p); in-place ops on
+# preallocated buffers (a fresh 100 MB tensor page-faults on every use); and blocks of 2 rows,
+# whose ~10 buffers stay in cache across the ~40 passes. On GPU, blocks of 64 rows (launches).
 #
 # Gradients. The gradient w.r.t. the student logits z has a closed form (q = softmax(z / T)),
 # exactly 0 where d == 0:
 #   beta = 0:      dL/dz = (q - p) / T
 #   beta = 1:      dL/dz = q * (d - KL(Q||P)) / T
-#   0 < beta < 1:  dL/dz = -(1-beta) * q * (log(M/Q) + KL(Q||M)) / T
+#   0 < beta < 1:  dL/dz = -(1-beta) * q * (log(M/Q) + KL(Q||M)) / T,  log(M/Q) = L + relu(-d)
 # so the losses compute it in the same pass as the value and hand it to autograd through
 # _PrecomputedGrad, instead of letting autograd save the [rows, V] intermediates (or
 # recomputing them under torch.utils.checkpoint). The chunked versions keep only the gradient
 # w.r.t. the hidden states [N, H], and their backward does not touch lm_head at all (under
 # ZeRO-3 it need not be gathered a second time).
 
-
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / T) in at least fp32. [c, V] -> [c, V]"""
-    dtype = torch.promote_types(logits.dtype, torch.float32)
-    if temperature == 1.0:
-        return torch.log_softmax(logits, dim=-1, dtype=dtype)
-    x = logits.to(dtype, copy=True).div_(temperature)  # own copy, so scale it in place
-    return torch.log_softmax(x, dim=-1)
+ROWS_PER_BLOCK = {"cpu": 2}  # elsewhere 64: enough work per kernel launch
+SCRATCH_BUFFERS = 7
 
 
-def _kl_terms(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """x*phi(r) = x*log(x/y) - x + y elementwise, given r = log(y/x): every term >= 0.
+def _softmax_and_log_(z: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """softmax(z) into prob, log_softmax(z) into z itself: one exp per element. [k, V]"""
+    z.sub_(z.amax(-1, keepdim=True))
+    total = torch.exp(z, out=prob).sum(-1, keepdim=True)  # [k, 1]
+    prob.div_(total)
+    return z.sub_(total.log_())
 
-    x*phi(r) is accurate and exactly 0 at r = 0 (rounding keeps expm1(r) >= r), but e^r
-    overflows for large r (x ~ 0, y not); there y - x*(1+r) is used: y > e*x, no cancellation.
+
+def _jsd_block_(s, t, beta: float, inv_t: float, need_grad: bool, ws) -> torch.Tensor:
+    """Generalized JSD of a block of rows -> loss_sum []; dL/ds is written into s.
+
+    s, t: [k, V] student / teacher logits already divided by T, in the compute dtype; both are
+    overwritten. ws: SCRATCH_BUFFERS buffers shaped like s.
     """
-    small = torch.expm1(r).sub_(r).mul_(x)
-    large = torch.addcmul(y, x, r, value=-1).sub_(x)
-    return torch.where(r > 1, large, small, out=small)
-
-
-def _log_mix_ratios(d: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log(M/P), log(M/Q)) for d = log(Q/P), M = beta*P + (1-beta)*Q, 0 < beta < 1.
-
-    With L = log1p(c * expm1(-|d|)), c = 1-beta where d <= 0 and c = beta where d > 0:
-      log(M/P) = L + relu(d),   log(M/Q) = L + relu(-d).
-    Nothing overflows, small d keeps its relative precision (no log-minus-log cancellation),
-    and both are exactly 0 where d == 0. The clamp to L's lower bound only matters when
-    beta or 1-beta is below fp32 resolution (c would round to 1 and L to -inf).
-    Overwrites d (saves a [c, V] allocation).
-    """
-    c = torch.where(d > 0, d.new_tensor(beta), d.new_tensor(1.0 - beta))
-    L = d.abs().neg_().expm1_().mul_(c).log1p_().clamp_(min=math.log(min(beta, 1.0 - beta)))
-    log_m_over_p = d.clamp(min=0).add_(L)
-    return log_m_over_p, L.sub_(d.clamp_(max=0))
+    q, p = ws[0], ws[1]
+    d = _softmax_and_log_(s, q).sub_(_softmax_and_log_(t, p))  # [k, V] log(Q/P), in s
+    a = torch.abs(d, out=ws[2])
+    x = torch.neg(a, out=t).expm1_()  # expm1(-|d|) = lo/hi - 1
+    hi = torch.maximum(p, q, out=ws[3])
+    if beta in (0.0, 1.0):
+        p_minus_q = torch.sign(d, out=ws[4]).mul_(hi).mul_(x)  # accurate where p ~ q
+        if beta == 0.0:  # forward KL(P||Q) = sum (q - p) - p*d
+            loss = torch.addcmul(p_minus_q, p, d, out=ws[5]).neg_().clamp_(min=0).sum()
+            if need_grad:
+                torch.mul(p_minus_q, -inv_t, out=s)  # (q - p) / T
+            return loss
+        kl = p_minus_q.addcmul_(q, d).clamp_(min=0).sum(-1, keepdim=True)  # KL(Q||P) [k, 1]
+        if need_grad:
+            d.sub_(kl).mul_(q).mul_(inv_t)  # q * (d - KL) / T
+        return kl.sum()
+    lo = torch.minimum(p, q, out=p)
+    if beta == 0.5:  # the default: near and far weigh the same
+        w = 0.5
+        y = torch.mul(x, 0.5, out=ws[4])
+    else:
+        w = torch.sign(d, out=ws[5]).mul_(0.5 - beta).add_(0.5)  # near term's weight 1-c
+        y = torch.addcmul(x, x, w, value=-1, out=ws[4])  # c*x
+    # the clamp acts only when beta or 1-beta is below fp32 resolution (c rounds to 1)
+    L = torch.log1p(y, out=ws[6]).clamp_(min=math.log(min(beta, 1.0 - beta)))  # log(m/hi)
+    if need_grad:
+        v = torch.sub(L, d.clamp_(max=0), out=s)  # log(M/Q) = L + relu(-d); d is used up
+        kl_qm = torch.linalg.vecdot(q, v).neg_().unsqueeze(-1)  # [k, 1] KL(Q||M) = -sum q*v
+        v.add_(kl_qm).mul_(q).mul_(-(1.0 - beta) * inv_t)
+    near = y.sub_(L).mul_(hi)  # hi * (y - L)
+    far = x.mul_(hi).mul_(w).neg_().addcmul_(lo, L.add_(a), value=-1).clamp_(min=0)
+    return near.sub_(far).mul_(w).add_(far).sum()  # w*near + (1-w)*far
 
 
 def _jsd_rows(student_logits, teacher_logits, beta: float, temperature: float, need_grad: bool):
-    """Generalized JSD summed over rows -> (loss_sum [], dL/d student_logits [c, V] or None)."""
-    lq = _log_probs(student_logits, temperature)  # [c, V] student log-probs
-    lp = _log_probs(teacher_logits, temperature)  # [c, V] teacher log-probs
-    d = lq - lp  # [c, V] log(Q/P)
-    q, p = lq.exp_(), lp.exp_()  # probabilities, in place: the logs are no longer needed
-    del lq, lp
-    inv_t = 1.0 / temperature  # chain rule through z / T, folded into the last multiply
-    grad = None
-    if beta == 0.0:  # forward KL(P||Q)
-        loss = _kl_terms(p, q, d).sum()
-        if need_grad:
-            grad = q.sub_(p).mul_(inv_t)  # (q - p) / T
-    elif beta == 1.0:  # reverse KL(Q||P)
-        r = d.neg_()  # [c, V] log(P/Q)
-        kl = _kl_terms(q, p, r).sum(-1, keepdim=True)  # [c, 1]
-        loss = kl.sum()
-        if need_grad:
-            grad = r.add_(kl).mul_(q).mul_(-inv_t)  # q * (d - KL) / T
-    else:
-        m = torch.lerp(q, p, beta)  # [c, V] beta*p + (1-beta)*q
-        u, v = _log_mix_ratios(d, beta)  # [c, V] log(M/P), log(M/Q); d is used up
-        del d
-        kl_pm = _kl_terms(p, m, u).sum()
-        del u, p  # free [c, V] buffers before the next temporaries
-        kl_qm = _kl_terms(q, m, v).sum(-1, keepdim=True)  # [c, 1]
-        del m
-        loss = beta * kl_pm + (1 - beta) * kl_qm.sum()
-        if need_grad:
-            grad = v.add_(kl_qm).mul_(q).mul_(-(1 - beta) * inv_t)
-    return loss, grad
+    """Generalized JSD summed over rows -> (loss_sum [], dL/d student_logits [c, V] or None).
+
+    student_logits, teacher_logits: [c, V], any float dtype. Both are overwritten: the gradient
+    is returned in student_logits' storage (in its dtype, as autograd would cast it).
+    """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    rows, vocab = student_logits.shape
+    k = max(1, min(rows, ROWS_PER_BLOCK.get(student_logits.device.type, 64)))
+    ws = torch.empty(SCRATCH_BUFFERS + 2, k, vocab, dtype=dtype, device=student_logits.device)
+    inv_t = 1.0 / temperature
+    loss = torch.zeros((), dtype=dtype, device=student_logits.device)
+    for start in range(0, rows, k):
+        n = min(k, rows - start)
+        s_rows, t_rows = student_logits[start:start + n], teacher_logits[start:start + n]
+        # work in place on fp32 rows; copy lower-precision rows into the two spare buffers
+        s = s_rows if s_rows.dtype == dtype else ws[-2, :n].copy_(s_rows)
+        t = t_rows if t_rows.dtype == dtype else ws[-1, :n].copy_(t_rows)
+        loss += _jsd_block_(s.mul_(inv_t), t.mul_(inv_t), beta, inv_t, need_grad, ws[:, :n])
+        if need_grad and s is not s_rows:
+            s_rows.copy_(s)
+    return loss, (student_logits if need_grad else None)
 
 
 class _PrecomputedGrad(torch.autograd.Function):
@@ -535,32 +555,37 @@ def generalized_jsd(student_logits, teacher_logits, mask, beta=0.5, temperature=
                          f"{tuple(teacher_logits.shape)} differ in shape")
     _check_mask(mask, student_logits.shape[:-1])
     s = student_logits[mask]  # [n, V]
-    t = teacher_logits.detach()[mask]  # [n, V]
+    t = teacher_logits.detach()[mask]  # [n, V], a copy: _jsd_rows may overwrite it
     need_grad = _wants_grad(s)
-    loss, grad = _jsd_rows(s.detach(), t, beta, temperature, need_grad)
+    loss, grad = _jsd_rows(s.detach().clone(), t, beta, temperature, need_grad)
     if need_grad:
-        loss = _PrecomputedGrad.apply(s, loss, grad.to(s.dtype))
+        loss = _PrecomputedGrad.apply(s, loss, grad)
     return loss, s.shape[0]
 
 
-def _chunked_linear_loss(hidden, weight, chunk_size: int, chunk_loss, need_grad: bool):
-    """Sum over row chunks of chunk_loss(logits, rows), logits = hidden[rows] @ weight.T.
+def _chunked_linear_loss(hiddens, weight, chunk_size: int, chunk_loss, need_grad: bool):
+    """Sum over row chunks of chunk_loss(logits..., rows), logits_i = hiddens[i][rows] @ weight.T.
 
-    chunk_loss returns (loss_sum, dL/dlogits or None). The logits gradient is folded into
-    dL/dhidden right away, so at most one chunk of [chunk_size, V] tensors is alive.
-    -> (loss_sum [], dL/dhidden [n, H] or None)
+    chunk_loss returns (loss_sum, dL/d logits_0 or None) and may overwrite the logits. The
+    gradient is folded into dL/d hiddens[0] right away, so only one chunk of [c, V] logits per
+    hidden exists, in buffers reused across chunks. Chunks are balanced (640 rows at 512 -> 2 x
+    320): the logits matmul is faster with more rows. -> (loss_sum [], dL/dhiddens[0] [n, H] or None)
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    loss = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    grad_hidden = torch.empty_like(hidden) if need_grad else None  # [n, H]
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        chunk_sum, grad_logits = chunk_loss(F.linear(hidden[rows], weight), rows)  # [c, V]
+    n = hiddens[0].shape[0]
+    rows_per_chunk = max(1, -(-n // max(1, -(-n // chunk_size))))
+    buffers = [h.new_empty((rows_per_chunk, weight.shape[0]), dtype=weight.dtype) for h in hiddens]
+    loss = hiddens[0].new_zeros((), dtype=torch.promote_types(weight.dtype, torch.float32))
+    grad_hidden = torch.empty_like(hiddens[0]) if need_grad else None  # [n, H]
+    for start in range(0, n, rows_per_chunk):
+        rows = slice(start, min(n, start + rows_per_chunk))
+        logits = [torch.mm(h[rows], weight.t(), out=buf[:rows.stop - start])  # [c, V]
+                  for h, buf in zip(hiddens, buffers)]
+        chunk_sum, grad_logits = chunk_loss(*logits, rows)
         loss += chunk_sum
         if need_grad:
-            # cast to the weight dtype first, exactly as autograd does for bf16 logits
-            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight  # [c, H]
+            torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[rows])  # [c, H]
     return loss, grad_hidden
 
 
@@ -575,14 +600,15 @@ def _check_hidden_args(student_hidden, lm_head_weight, mask) -> None:
 
 
 def chunked_generalized_jsd(student_hidden, teacher_hidden, lm_head_weight, mask, beta,
-                            temperature, chunk_size=128):
+                            temperature, chunk_size=512):
     """generalized_jsd of the logits hidden @ lm_head_weight.T, chunk by chunk.
 
     student_hidden, teacher_hidden: [..., H] final hidden states (teacher: no grad);
     lm_head_weight: [V, H], frozen; mask: [...] bool. -> (loss_sum [], num_tokens int)
-    Peak extra memory is about 8 fp32 [chunk_size, V] buffers (~0.6 GB at 128 x 152064; 128
-    rows are as fast as 512 on CPU, see BENCHMARKS.md) plus one [n, H] gradient; the [n, V] logits never exist whole. lm_head_weight is read in
-    this call only, never in backward: under ZeRO-3 gather it around this call alone.
+    Extra memory: two [chunk_size, V] logits buffers in the weight's dtype (0.6 GB at 512 x
+    152064 in fp32, 0.3 GB in bf16) plus a few fp32 row blocks; the [n, V] logits never exist
+    whole. lm_head_weight is read in this call only, never in backward: under ZeRO-3 gather it
+    around this call alone.
     """
     _check_jsd_args(beta, temperature)
     _check_hidden_args(student_hidden, lm_head_weight, mask)
@@ -593,19 +619,18 @@ def chunked_generalized_jsd(student_hidden, teacher_hidden, lm_head_weight, mask
     ht = teacher_hidden.detach()[mask]  # [n, H]
     need_grad = _wants_grad(hs)
 
-    def chunk_loss(student_logits, rows):
-        teacher_logits = F.linear(ht[rows], lm_head_weight)  # [c, V]
+    def chunk_loss(student_logits, teacher_logits, rows):
         return _jsd_rows(student_logits, teacher_logits, beta, temperature, need_grad)
 
     with torch.no_grad():
-        loss, grad = _chunked_linear_loss(hs.detach(), lm_head_weight, chunk_size, chunk_loss,
+        loss, grad = _chunked_linear_loss((hs.detach(), ht), lm_head_weight, chunk_size, chunk_loss,
                                           need_grad)
     if need_grad:
         loss = _PrecomputedGrad.apply(hs, loss, grad)
     return loss, hs.shape[0]
 
 
-def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=128):
+def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=512):
     """Cross-entropy (temperature 1) summed over the valid tokens, chunked -> loss_sum [].
 
     student_hidden: [..., H]; lm_head_weight: [V, H] frozen; target_ids: [...] the token each
@@ -626,7 +651,7 @@ def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=12
         return loss, logp.exp_().scatter_add_(-1, targets[rows], minus_one)  # softmax - one_hot
 
     with torch.no_grad():
-        loss, grad = _chunked_linear_loss(hs.detach(), lm_head_weight, chunk_size, chunk_loss,
+        loss, grad = _chunked_linear_loss((hs.detach(),), lm_head_weight, chunk_size, chunk_loss,
                                           need_grad)
     if need_grad:
         loss = _PrecomputedGrad.apply(hs, loss, grad)

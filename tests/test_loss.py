@@ -175,6 +175,38 @@ def test_chunked_bf16_matches_autograd_through_bf16_logits():
     assert rel(h.grad.float(), h_ref.grad.float()) <= 1e-2  # bf16 gradients: one rounding apart
 
 
+@pytest.mark.parametrize("beta", BETAS)
+def test_fp32_accurate_near_the_fixed_point(beta):
+    """Student just off the teacher (logit gap ~0.003): fp32 against TRL's formula in fp64.
+
+    The divergence is ~1e-6 per token while log-probs are ~-8, so the textbook sum
+    p*(log p - log m) cancels away most digits in fp32: TRL's own fp32 loss is 3% to 100% off.
+    selfkd's terms carry the small gap explicitly: loss within 1e-4. The gradient's floor is the
+    fp32 log-softmax itself (~6e-7 absolute per log-prob against a gap of ~1.5e-3), so 1e-3.
+    The fp64 reference starts from the same fp32-rounded logits.
+    """
+    g = torch.Generator().manual_seed(5)
+    teacher = (3 * torch.randn(24, 3000, generator=g)).double()
+    student = (teacher + 0.003 * torch.randn(24, 3000, generator=g, dtype=torch.float64)).float().double()
+    labels = torch.zeros(24, dtype=torch.long)
+
+    def trl(dtype):
+        s = student.to(dtype).detach().requires_grad_()
+        loss = GKDTrainer.generalized_jsd_loss(s, teacher.to(dtype), labels=labels, beta=beta,
+                                               temperature=2.0, reduction="sum")
+        loss.backward()
+        return loss, s.grad
+
+    ref, ref_grad = trl(torch.float64)
+    s = student.float().detach().requires_grad_()
+    loss_sum, _ = generalized_jsd(s, teacher.float(), torch.ones(24, dtype=torch.bool), beta, 2.0)
+    loss_sum.backward()
+    assert rel(loss_sum, ref) <= 1e-4
+    assert rel(s.grad, ref_grad) <= 1e-3
+    trl32, _ = trl(torch.float32)
+    assert rel(trl32, ref) > 100 * rel(loss_sum, ref)  # the regime where the textbook sum fails
+
+
 def test_no_grad_and_empty_mask():
     hs, ht, weight, mask = hidden_inputs(torch.float32)
     h = hs.clone().requires_grad_()

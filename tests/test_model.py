@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models import hf_full_model, left_padded_batch, tiny_config
-from model_qwen3omni import (KVCache, Thinker, ThinkerConfig, generate, load_thinker, released_tensors,
+from model_qwen3omni import (KVCache, LMHead, Thinker, ThinkerConfig, generate, load_thinker, released_tensors,
                              write_random_checkpoint)
 
 CONFIGS = {
@@ -112,6 +112,17 @@ def test_greedy_generation_matches_hf_generate(hf_pair):
     tokens, alive = generate(ours, ids, mask, 16, eos_ids=[cfg.vocab_size + 1], pad_id=0)
     assert torch.equal(tokens, ref[:, ids.shape[1]:])
     assert alive.all()
+
+
+def test_lm_head_few_row_path_equals_linear():
+    """Decoding's (W @ x^T)^T form (<= 16 rows on CPU) and the plain x @ W^T give the same logits."""
+    torch.manual_seed(0)
+    head = LMHead(64, 1000, bias=False)
+    for rows in (1, 4, 16, 17):
+        x = torch.randn(rows, 64)
+        out = head(x)
+        assert out.shape == (rows, 1000) and out.is_contiguous()
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
 
 
 def test_generate_stops_at_eos_and_masks_after_it(hf_pair):
