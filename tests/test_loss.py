@@ -15,6 +15,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
+import selfkd  # noqa: E402
 from selfkd import (
     chunked_generalized_jsd,
     filter_logits,
@@ -151,6 +152,22 @@ def test_chunked_matches_unchunked(beta, chunk_size):
     loss_sum.backward()
 
     assert n == n_ref
+    assert rel(loss_sum, ref) <= 1e-12
+    assert rel(h.grad, h_ref.grad) <= 1e-12
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, 64])  # CPU default 2; GPUs use 64
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 1.0])
+def test_row_blocking_does_not_change_the_result(beta, rows_per_block, monkeypatch):
+    hs, ht, weight, mask = hidden_inputs(torch.float64)
+    h_ref = hs.clone().requires_grad_()
+    ref, _ = chunked_generalized_jsd(h_ref, ht, weight, mask, beta, 2.0, chunk_size=16)
+    ref.backward()
+
+    monkeypatch.setitem(selfkd.ROWS_PER_BLOCK, "cpu", rows_per_block)
+    h = hs.clone().requires_grad_()
+    loss_sum, _ = chunked_generalized_jsd(h, ht, weight, mask, beta, 2.0, chunk_size=16)
+    loss_sum.backward()
     assert rel(loss_sum, ref) <= 1e-12
     assert rel(h.grad, h_ref.grad) <= 1e-12
 
