@@ -405,14 +405,14 @@ def parse_args(argv: list[str]) -> Config:
 # Everything is built from d = log Q - log P, exactly 0 where student and teacher agree, so at
 # the self-distillation fixed point (identical logits) the loss and its gradient are exactly 0:
 #   a = |d|,  x = expm1(-a) = lo/hi - 1 in (-1, 0],  hi = max(p, q),  lo = min(p, q).
-# For 0 < beta < 1, call "near" whichever of P, Q is larger at a token (M lies between them,
-# nearer to it) and "far" the other; c = 1-beta where P is near (d <= 0), beta where Q is:
-#   near: m/hi - 1 = c*x = y,  log(m/hi) = L = log1p(y)      -> term hi*(y - L)
-#   far:  m - lo = (1-c)*hi*(-x),  log(m/lo) = L + a           -> term (1-c)*hi*(-x) - lo*(L + a)
-#   JSD_beta = sum (1-c)*near + c*far   (beta*KL(P||M) + (1-beta)*KL(Q||M), term by term).
-# No e^a appears, so nothing overflows however far apart the distributions are. The near term
-# is >= 0 by rounding (y >= log1p(y)); the far term's two products are both O(a) and it is
-# clamped at its bound 0. beta = 0 and 1 use the same pieces: q - p = -sign(d)*hi*x.
+# For 0 < beta < 1, split each token's two KL terms by which distribution is larger there:
+# c = 1-beta where P is the larger (d <= 0), beta where Q is; m lies between lo and hi:
+#   larger:  m/hi - 1 = c*x = y,  log(m/hi) = L = log1p(y)     -> term hi*(y - L)
+#   smaller: m - lo = (1-c)*hi*(-x),  log(m/lo) = L + a          -> term (1-c)*hi*(-x) - lo*(L + a)
+#   JSD_beta = sum (1-c)*term_hi + c*term_lo   (= beta*KL(P||M) + (1-beta)*KL(Q||M), term by term).
+# No e^a appears, so nothing overflows however far apart the distributions are. term_hi is
+# >= 0 by rounding (y >= log1p(y)); term_lo's two products are both O(a), and it is clamped at
+# its bound 0. beta = 0 and 1 use the same pieces: q - p = -sign(d)*hi*x.
 #
 # Speed (CPU). The cost is passes over [rows, V] and transcendentals per element (an exp costs
 # as much as ten multiplies), not FLOPs. So: three per element (one exp per distribution, the
@@ -466,11 +466,11 @@ def _jsd_block_(s, t, beta: float, inv_t: float, need_grad: bool, ws) -> torch.T
             d.sub_(kl).mul_(q).mul_(inv_t)  # q * (d - KL) / T
         return kl.sum()
     lo = torch.minimum(p, q, out=p)
-    if beta == 0.5:  # the default: near and far weigh the same
+    if beta == 0.5:  # the default: both terms weigh the same
         w = 0.5
         y = torch.mul(x, 0.5, out=ws[4])
     else:
-        w = torch.sign(d, out=ws[5]).mul_(0.5 - beta).add_(0.5)  # near term's weight 1-c
+        w = torch.sign(d, out=ws[5]).mul_(0.5 - beta).add_(0.5)  # term_hi's weight 1-c
         y = torch.addcmul(x, x, w, value=-1, out=ws[4])  # c*x
     # the clamp acts only when beta or 1-beta is below fp32 resolution (c rounds to 1)
     L = torch.log1p(y, out=ws[6]).clamp_(min=math.log(min(beta, 1.0 - beta)))  # log(m/hi)
@@ -478,9 +478,9 @@ def _jsd_block_(s, t, beta: float, inv_t: float, need_grad: bool, ws) -> torch.T
         v = torch.sub(L, d.clamp_(max=0), out=s)  # log(M/Q) = L + relu(-d); d is used up
         kl_qm = torch.linalg.vecdot(q, v).neg_().unsqueeze(-1)  # [k, 1] KL(Q||M) = -sum q*v
         v.add_(kl_qm).mul_(q).mul_(-(1.0 - beta) * inv_t)
-    near = y.sub_(L).mul_(hi)  # hi * (y - L)
-    far = x.mul_(hi).mul_(w).neg_().addcmul_(lo, L.add_(a), value=-1).clamp_(min=0)
-    return near.sub_(far).mul_(w).add_(far).sum()  # w*near + (1-w)*far
+    term_hi = y.sub_(L).mul_(hi)  # hi * (y - L)
+    term_lo = x.mul_(hi).mul_(w).neg_().addcmul_(lo, L.add_(a), value=-1).clamp_(min=0)
+    return term_hi.sub_(term_lo).mul_(w).add_(term_lo).sum()  # w*term_hi + (1-w)*term_lo
 
 
 def _jsd_rows(student_logits, teacher_logits, beta: float, temperature: float, need_grad: bool):
