@@ -262,7 +262,11 @@ def selfkd_step(a, cfg, model, opt, data, on_policy, generator=None, times=None,
                             student_prompt_ids=data.prompt_ids, student_prompt_mask=data.prompt_mask)
     jsd, _, n = gkd_loss_sums(Engine(model), batch, cids, cmask, SimpleNamespace(beta=a.beta, temperature=a.temperature),
                               with_sft=False)
-    loss = jsd / max(n, 1)
+    return backward_and_step(jsd / max(n, 1), opt, do_step)
+
+
+def backward_and_step(loss, opt, do_step):
+    """The same for both sides: backward, then (unless timing the loss only) AdamW. -> loss"""
     loss.backward()
     if do_step:
         opt.step()
@@ -327,12 +331,7 @@ def peer_step(a, peft_model, teacher, opt, data, on_policy, times=None, do_step=
         if times is not None:
             times["gen"] = time.perf_counter() - t
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    loss = peer_compute_loss(a, peft_model, teacher, inputs)
-    loss.backward()
-    if do_step:
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return loss.item()
+    return backward_and_step(peer_compute_loss(a, peft_model, teacher, inputs), opt, do_step)
 
 
 def grad_norm(params):
