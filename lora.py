@@ -365,19 +365,31 @@ def _is_rank0():
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def save_adapter(model: Thinker, path: str):
-    """adapter_model.safetensors + adapter_config.json, readable by peft.PeftModel.from_pretrained
-    on transformers' Qwen3-Omni thinker. Gathers only LoRA weights; rank 0 writes."""
-    from safetensors.torch import save_file
-
+def adapter_tensors(model: Thinker) -> dict[str, torch.Tensor]:
+    """The LoRA weights in PEFT's names and layout, on the CPU. Under ZeRO-3 a collective: every
+    rank calls it (only the LoRA weights are gathered, never the base)."""
     entries = _peft_entries(model)
     with _gathered([p for _, p, _, _ in entries]):
-        tensors = {k: to_peft(p.detach()).contiguous().cpu().clone() for k, p, to_peft, _ in entries}
+        return {k: to_peft(p.detach()).contiguous().cpu().clone() for k, p, to_peft, _ in entries}
+
+
+def write_adapter(model: Thinker, tensors: dict[str, torch.Tensor], path: str):
+    """adapter_model.safetensors + adapter_config.json: what PEFT's from_pretrained reads. One
+    process writes (no collectives here, so a failed write cannot leave other ranks waiting)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+        json.dump(_adapter_config(model), f, indent=2)
+
+
+def save_adapter(model: Thinker, path: str):
+    """adapter_tensors on every rank, write_adapter on rank 0: an adapter readable by
+    peft.PeftModel.from_pretrained on transformers' Qwen3-Omni thinker."""
+    tensors = adapter_tensors(model)
     if _is_rank0():
-        os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-            json.dump(_adapter_config(model), f, indent=2)
+        write_adapter(model, tensors, path)
 
 
 def load_adapter(model: Thinker, path: str):

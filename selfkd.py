@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import timedelta
 from typing import NoReturn
 
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from data import (Batch, DataError, collate, encode_examples, join_prompt_completion, load_dataset_specs,
                   load_tokenizer, write_tiny_tokenizer)
-from lora import inject_lora, load_adapter, lora_disabled, lora_parameters, save_adapter
+from loss import chunked_jsd_loss_sum, sft_loss_sum
+from lora import adapter_tensors, inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter
 from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_weights,
                              resolve_dtype, write_random_checkpoint)
 
@@ -143,7 +144,8 @@ class Config:
         0.5, "JSD interpolation in [0, 1]: 0 = forward KL(teacher||student), 1 = reverse KL"
     )
     sft_alpha: float = _flag(
-        0.0, "weight of an added cross-entropy term on dataset (not student-sampled) completions"
+        0.0, "weight of an added cross-entropy term on completions the student did not sample: "
+        "the dataset's, or with --seq_kd the teacher's"
     )
     top_k: int = _flag(0, "sampling: keep the k most likely tokens (0 = off)")
     top_p: float = _flag(1.0, "sampling: nucleus mass in (0, 1] (1 = off)")
@@ -190,7 +192,8 @@ class Config:
     attn_impl: str = _flag(
         "sdpa",
         "recorded for ms-swift compatibility: selfkd always calls torch's "
-        "scaled_dot_product_attention, which picks FlashAttention kernels on GPU by itself",
+        "scaled_dot_product_attention with a boolean padding + causal mask, which runs its "
+        "memory-efficient or math kernel (FlashAttention takes no mask)",
         choices=("flash_attention_2", "sdpa", "eager"),
     )
     gradient_checkpointing: bool = _flag(True, "recompute decoder layers in backward to save memory")
@@ -208,8 +211,13 @@ class Config:
     )
     logging_steps: int = _flag(5, "log every N optimizer steps")
     save_only_model: bool = _flag(
-        False, "true: write only the LoRA adapter; false: also optimizer, scheduler and RNG state "
-        "so that --resume_from_checkpoint continues exactly"
+        False, "true: write only the LoRA adapter; false: also the AdamW state (fp32 master weights "
+        "and moments), so that --resume_from_checkpoint continues exactly (the learning rate, data "
+        "order and random draws are functions of the step and need no saved state)"
+    )
+    overwrite_output_dir: bool = _flag(
+        False, "start a new run in an --output_dir that holds another run's checkpoints, deleting "
+        "them (without it such a directory is refused)"
     )
     resume_from_checkpoint: str | None = _flag(
         None, "checkpoint directory, or 'latest' (newest in --output_dir)", type=str
@@ -225,19 +233,6 @@ class Config:
                 value = " ".join(value)
             lines.append(f"{f.name + ':':<{width}} {value}")
         return "\n".join(lines)
-
-    def warnings(self) -> list[str]:
-        """Legal but probably unintended settings, for the start-up print."""
-        out = []
-        if not (self.teacher_system or self.teacher_sees_reference or self.sft_alpha > 0
-                or self.resume_from_checkpoint):
-            out.append(
-                "the teacher sees exactly what the student sees and the LoRA starts at B = 0, so "
-                "student == teacher: the divergence and its gradient are exactly 0 and training "
-                "cannot move. Give the teacher privileged context (--teacher_system, "
-                "--teacher_sees_reference), add --sft_alpha > 0, or resume from a trained adapter."
-            )
-        return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -370,9 +365,26 @@ def _validate(c: Config) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"--deepspeed {c.deepspeed}: cannot read it as JSON ({e})") from e
         _check(ok, "deepspeed", c.deepspeed, "the JSON file must hold an object")
+        with open(c.deepspeed) as fh:
+            _check_partitioning(json.load(fh).get("zero_optimization") or {}, c.deepspeed)
     if c.resume_from_checkpoint not in (None, "latest"):
         _check(os.path.isdir(c.resume_from_checkpoint), "resume_from_checkpoint",
                c.resume_from_checkpoint, "no such directory (or pass 'latest')")
+
+
+# ZeRO-3 partitionings other than DeepSpeed's default (equal flat slices in global rank order),
+# which copy_into_zero3_partition would fill with the wrong slices: key -> value that turns it off.
+UNSUPPORTED_PARTITIONING = {"mics_shard_size": -1, "zero_hpz_partition_size": 1, "zero_quantized_weights": False,
+                            "zero_quantized_nontrainable_weights": False}
+
+
+def _check_partitioning(zero: dict, source: str) -> None:
+    for key, off in UNSUPPORTED_PARTITIONING.items():
+        value = zero.get(key, off)
+        if value != off and not (key == "mics_shard_size" and value in (0, -1)):
+            raise ConfigError(f"--deepspeed {source}: zero_optimization.{key} = {value} is not supported: selfkd "
+                              f"streams the checkpoint into DeepSpeed's default ZeRO-3 partitions and would load "
+                              f"wrong slices under it; remove the key (or set it to {off})")
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -386,298 +398,6 @@ def parse_args(argv: list[str]) -> Config:
     config = Config(**values)
     _validate(config)
     return config
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Loss
-# ----------------------------------------------------------------------------------------------
-#
-# Generalized JSD (Agarwal et al. 2024), P = teacher, Q = student, per token over the vocab:
-#   M = beta*P + (1-beta)*Q,  JSD_beta = beta*KL(P||M) + (1-beta)*KL(Q||M)
-#   beta = 0 -> forward KL(P||Q), beta = 1 -> reverse KL(Q||P) (the formula is 0 at both ends).
-# Temperature: both logit sets are divided by T before log_softmax, as ms-swift does (TRL's
-# trainer calls its loss at T = 1 and uses T only for sampling). Gradients get the 1/T factor.
-#
-# Numerics. Everything is computed in (at least) fp32. Instead of the usual
-# sum p*(log p - log m), which subtracts nearly equal logs and can come out slightly negative
-# (ms-swift logged a negative JSD in bf16), each KL is summed from terms that are each >= 0:
-#   KL(X||M) = sum_v x*phi(r),  r = log(m/x),  phi(r) = e^r - 1 - r >= 0,  x*(e^r - 1) = m - x.
-# Everything is built from d = log Q - log P, exactly 0 where student and teacher agree, so at
-# the self-distillation fixed point (identical logits) the loss and its gradient are exactly 0:
-#   a = |d|,  x = expm1(-a) = lo/hi - 1 in (-1, 0],  hi = max(p, q),  lo = min(p, q).
-# For 0 < beta < 1, split each token's two KL terms by which distribution is larger there:
-# c = 1-beta where P is the larger (d <= 0), beta where Q is; m lies between lo and hi:
-#   larger:  m/hi - 1 = c*x = y,  log(m/hi) = L = log1p(y)     -> term hi*(y - L)
-#   smaller: m - lo = (1-c)*hi*(-x),  log(m/lo) = L + a          -> term (1-c)*hi*(-x) - lo*(L + a)
-#   JSD_beta = sum (1-c)*term_hi + c*term_lo   (= beta*KL(P||M) + (1-beta)*KL(Q||M), term by term).
-# No e^a appears, so nothing overflows however far apart the distributions are. term_hi is
-# >= 0 by rounding (y >= log1p(y)); term_lo's two products are both O(a), and it is clamped at
-# its bound 0. beta = 0 and 1 use the same pieces: q - p = -sign(d)*hi*x.
-#
-# Speed (CPU). The cost is passes over [rows, V] and transcendentals per element (an exp costs
-# as much as ten multiplies), not FLOPs. So: three per element (one exp per distribution, the
-# softmax keeping exp(z - max) for both q and log q, then expm1 and log1p); in-place ops on
-# preallocated buffers (a fresh 100 MB tensor page-faults on every use); and blocks of 2 rows,
-# whose ~10 buffers stay in cache across the ~40 passes. On GPU, blocks of 64 rows (launches).
-#
-# Gradients. The gradient w.r.t. the student logits z has a closed form (q = softmax(z / T)),
-# exactly 0 where d == 0:
-#   beta = 0:      dL/dz = (q - p) / T
-#   beta = 1:      dL/dz = q * (d - KL(Q||P)) / T
-#   0 < beta < 1:  dL/dz = -(1-beta) * q * (log(M/Q) + KL(Q||M)) / T,  log(M/Q) = L + relu(-d)
-# so the losses compute it in the same pass as the value and hand it to autograd through
-# _PrecomputedGrad, instead of letting autograd save the [rows, V] intermediates (or
-# recomputing them under torch.utils.checkpoint). The chunked versions keep only the gradient
-# w.r.t. the hidden states [N, H], and their backward does not touch lm_head at all (under
-# ZeRO-3 it need not be gathered a second time).
-
-ROWS_PER_BLOCK = {"cpu": 2}  # elsewhere 64: enough work per kernel launch
-SCRATCH_BUFFERS = 7
-
-
-def _softmax_and_log_(z: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """softmax(z) into prob, log_softmax(z) into z itself: one exp per element. [k, V]"""
-    z.sub_(z.amax(-1, keepdim=True))
-    total = torch.exp(z, out=prob).sum(-1, keepdim=True)  # [k, 1]
-    prob.div_(total)
-    return z.sub_(total.log_())
-
-
-def _jsd_block_(s, t, beta: float, inv_t: float, need_grad: bool, ws) -> torch.Tensor:
-    """Generalized JSD of a block of rows -> loss_sum []; dL/ds is written into s.
-
-    s, t: [k, V] student / teacher logits already divided by T, in the compute dtype; both are
-    overwritten. ws: SCRATCH_BUFFERS buffers shaped like s.
-    """
-    q, p = ws[0], ws[1]
-    d = _softmax_and_log_(s, q).sub_(_softmax_and_log_(t, p))  # [k, V] log(Q/P), in s
-    a = torch.abs(d, out=ws[2])
-    x = torch.neg(a, out=t).expm1_()  # expm1(-|d|) = lo/hi - 1
-    hi = torch.maximum(p, q, out=ws[3])
-    if beta in (0.0, 1.0):
-        p_minus_q = torch.sign(d, out=ws[4]).mul_(hi).mul_(x)  # accurate where p ~ q
-        if beta == 0.0:  # forward KL(P||Q) = sum (q - p) - p*d
-            loss = torch.addcmul(p_minus_q, p, d, out=ws[5]).neg_().clamp_(min=0).sum()
-            if need_grad:
-                torch.mul(p_minus_q, -inv_t, out=s)  # (q - p) / T
-            return loss
-        kl = p_minus_q.addcmul_(q, d).clamp_(min=0).sum(-1, keepdim=True)  # KL(Q||P) [k, 1]
-        if need_grad:
-            d.sub_(kl).mul_(q).mul_(inv_t)  # q * (d - KL) / T
-        return kl.sum()
-    lo = torch.minimum(p, q, out=p)
-    if beta == 0.5:  # the default: both terms weigh the same
-        w = 0.5
-        y = torch.mul(x, 0.5, out=ws[4])
-    else:
-        w = torch.sign(d, out=ws[5]).mul_(0.5 - beta).add_(0.5)  # term_hi's weight 1-c
-        y = torch.addcmul(x, x, w, value=-1, out=ws[4])  # c*x
-    # the clamp acts only when beta or 1-beta is below fp32 resolution (c rounds to 1)
-    L = torch.log1p(y, out=ws[6]).clamp_(min=math.log(min(beta, 1.0 - beta)))  # log(m/hi)
-    if need_grad:
-        v = torch.sub(L, d.clamp_(max=0), out=s)  # log(M/Q) = L + relu(-d); d is used up
-        kl_qm = torch.linalg.vecdot(q, v).neg_().unsqueeze(-1)  # [k, 1] KL(Q||M) = -sum q*v
-        v.add_(kl_qm).mul_(q).mul_(-(1.0 - beta) * inv_t)
-    term_hi = y.sub_(L).mul_(hi)  # hi * (y - L)
-    term_lo = x.mul_(hi).mul_(w).neg_().addcmul_(lo, L.add_(a), value=-1).clamp_(min=0)
-    return term_hi.sub_(term_lo).mul_(w).add_(term_lo).sum()  # w*term_hi + (1-w)*term_lo
-
-
-def _jsd_rows(student_logits, teacher_logits, beta: float, temperature: float, need_grad: bool):
-    """Generalized JSD summed over rows -> (loss_sum [], dL/d student_logits [c, V] or None).
-
-    student_logits, teacher_logits: [c, V], any float dtype. Both are overwritten: the gradient
-    is returned in student_logits' storage (in its dtype, as autograd would cast it).
-    """
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    rows, vocab = student_logits.shape
-    k = max(1, min(rows, ROWS_PER_BLOCK.get(student_logits.device.type, 64)))
-    ws = torch.empty(SCRATCH_BUFFERS + 2, k, vocab, dtype=dtype, device=student_logits.device)
-    inv_t = 1.0 / temperature
-    loss = torch.zeros((), dtype=dtype, device=student_logits.device)
-    for start in range(0, rows, k):
-        n = min(k, rows - start)
-        s_rows, t_rows = student_logits[start:start + n], teacher_logits[start:start + n]
-        # work in place on fp32 rows; copy lower-precision rows into the two spare buffers
-        s = s_rows if s_rows.dtype == dtype else ws[-2, :n].copy_(s_rows)
-        t = t_rows if t_rows.dtype == dtype else ws[-1, :n].copy_(t_rows)
-        loss += _jsd_block_(s.mul_(inv_t), t.mul_(inv_t), beta, inv_t, need_grad, ws[:, :n])
-        if need_grad and s is not s_rows:
-            s_rows.copy_(s)
-    return loss, (student_logits if need_grad else None)
-
-
-class _PrecomputedGrad(torch.autograd.Function):
-    """Passes `loss` through; its gradient w.r.t. `x` is the already computed `grad_x`.
-
-    `x` is an input only to connect the loss to the graph. Backward scales grad_x by the
-    incoming scalar (e.g. 1 / tokens in the batch, or DeepSpeed's loss scaling).
-    """
-
-    @staticmethod
-    def forward(ctx, x, loss, grad_x):
-        ctx.save_for_backward(grad_x)
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad_x,) = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), None, None
-
-
-def _check_jsd_args(beta: float, temperature: float) -> None:
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _check_mask(mask: torch.Tensor, shape: torch.Size) -> None:
-    if mask.dtype != torch.bool or mask.shape != shape:
-        raise ValueError(f"mask must be bool of shape {tuple(shape)}, got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
-
-
-def _wants_grad(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
-
-
-def generalized_jsd(student_logits, teacher_logits, mask, beta=0.5, temperature=1.0):
-    """Generalized JSD summed over the valid tokens -> (loss_sum [], num_tokens int).
-
-    student_logits, teacher_logits: [..., V] any float dtype (computed in >= fp32);
-    mask: [...] bool, True where the token carries loss. The teacher gets no gradient.
-    Divide loss_sum by the completion tokens of the whole accumulated batch ("batchmean").
-    """
-    _check_jsd_args(beta, temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
-    _check_mask(mask, student_logits.shape[:-1])
-    s = student_logits[mask]  # [n, V]
-    t = teacher_logits.detach()[mask]  # [n, V], a copy: _jsd_rows may overwrite it
-    need_grad = _wants_grad(s)
-    loss, grad = _jsd_rows(s.detach().clone(), t, beta, temperature, need_grad)
-    if need_grad:
-        loss = _PrecomputedGrad.apply(s, loss, grad)
-    return loss, s.shape[0]
-
-
-_CPU_SCRATCH: dict[tuple[str, torch.dtype], torch.Tensor] = {}
-
-
-def _scratch(name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer that the caller fully overwrites and does not keep.
-
-    On CPU it is kept between calls and grown when needed: glibc hands large frees back to the
-    OS, and faulting the pages of a fresh 0.4 GB logits buffer in again costs ~0.1 s per matmul.
-    On GPU the caching allocator already reuses memory, and a held buffer would only raise the peak.
-    """
-    if device.type != "cpu":
-        return torch.empty(shape, dtype=dtype, device=device)
-    numel = math.prod(shape)
-    buf = _CPU_SCRATCH.get((name, dtype))
-    if buf is None or buf.numel() < numel:
-        _CPU_SCRATCH.pop((name, dtype), None)  # free the old one before allocating the new one
-        buf = _CPU_SCRATCH[(name, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel].view(shape)
-
-
-def _chunked_linear_loss(hiddens, weight, chunk_size: int, chunk_loss, need_grad: bool):
-    """Sum over row chunks of chunk_loss(logits..., rows), logits_i = hiddens[i][rows] @ weight.T.
-
-    chunk_loss returns (loss_sum, dL/d logits_0 or None) and may overwrite the logits. The
-    gradient is folded into dL/d hiddens[0] right away, so only one chunk of [c, V] logits per
-    hidden exists, in buffers reused across chunks. Chunks are balanced (640 rows at 512 -> 2 x
-    320): the logits matmul is faster with more rows. -> (loss_sum [], dL/dhiddens[0] [n, H] or None)
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    n = hiddens[0].shape[0]
-    chunks = max(1, math.ceil(n / chunk_size))
-    rows_per_chunk = max(1, math.ceil(n / chunks))
-    buffers = [_scratch(f"logits{i}", (rows_per_chunk, weight.shape[0]), weight.dtype, weight.device)
-               for i in range(len(hiddens))]
-    loss = hiddens[0].new_zeros((), dtype=torch.promote_types(weight.dtype, torch.float32))
-    grad_hidden = torch.empty_like(hiddens[0]) if need_grad else None  # [n, H]
-    for start in range(0, n, rows_per_chunk):
-        rows = slice(start, min(n, start + rows_per_chunk))
-        logits = [torch.mm(h[rows], weight.t(), out=buf[:rows.stop - start])  # [c, V]
-                  for h, buf in zip(hiddens, buffers)]
-        chunk_sum, grad_logits = chunk_loss(*logits, rows)
-        loss += chunk_sum
-        if need_grad:
-            torch.mm(grad_logits.to(weight.dtype), weight, out=grad_hidden[rows])  # [c, H]
-    return loss, grad_hidden
-
-
-def _check_hidden_args(student_hidden, lm_head_weight, mask) -> None:
-    if lm_head_weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("lm_head weight must be frozen (requires_grad=False): the chunked loss "
-                         "computes gradients w.r.t. the hidden states only")
-    if student_hidden.shape[-1] != lm_head_weight.shape[-1]:
-        raise ValueError(f"hidden size {student_hidden.shape[-1]} does not match lm_head weight "
-                         f"{tuple(lm_head_weight.shape)} ([V, H] expected)")
-    _check_mask(mask, student_hidden.shape[:-1])
-
-
-def chunked_generalized_jsd(student_hidden, teacher_hidden, lm_head_weight, mask, beta,
-                            temperature, chunk_size=1024):
-    """generalized_jsd of the logits hidden @ lm_head_weight.T, chunk by chunk.
-
-    student_hidden, teacher_hidden: [..., H] final hidden states (teacher: no grad);
-    lm_head_weight: [V, H], frozen; mask: [...] bool. -> (loss_sum [], num_tokens int)
-    Extra memory: two [chunk_size, V] logits buffers in the weight's dtype (1.2 GB at 1024 x
-    152064 in fp32, 0.6 GB in bf16) plus a few fp32 row blocks; the [n, V] logits never exist
-    whole. lm_head_weight is read in this call only, never in backward: under ZeRO-3 gather it
-    around this call alone.
-    """
-    _check_jsd_args(beta, temperature)
-    _check_hidden_args(student_hidden, lm_head_weight, mask)
-    if teacher_hidden.shape != student_hidden.shape:
-        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
-                         f"{tuple(teacher_hidden.shape)} differ in shape")
-    hs = student_hidden[mask]  # [n, H]
-    ht = teacher_hidden.detach()[mask]  # [n, H]
-    need_grad = _wants_grad(hs)
-
-    def chunk_loss(student_logits, teacher_logits, rows):
-        return _jsd_rows(student_logits, teacher_logits, beta, temperature, need_grad)
-
-    with torch.no_grad():
-        loss, grad = _chunked_linear_loss((hs.detach(), ht), lm_head_weight, chunk_size, chunk_loss,
-                                          need_grad)
-    if need_grad:
-        loss = _PrecomputedGrad.apply(hs, loss, grad)
-    return loss, hs.shape[0]
-
-
-def sft_loss_sum(student_hidden, lm_head_weight, target_ids, mask, chunk_size=1024):
-    """Cross-entropy (temperature 1) summed over the valid tokens, chunked -> loss_sum [].
-
-    student_hidden: [..., H]; lm_head_weight: [V, H] frozen; target_ids: [...] the token each
-    position predicts; mask: [...] bool.
-    """
-    _check_hidden_args(student_hidden, lm_head_weight, mask)
-    hs = student_hidden[mask]  # [n, H]
-    targets = target_ids[mask].unsqueeze(-1)  # [n, 1]
-    need_grad = _wants_grad(hs)
-
-    def chunk_loss(logits, rows):
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype,
-                                                                           torch.float32))
-        loss = -logp.gather(-1, targets[rows]).sum()
-        if not need_grad:
-            return loss, None
-        minus_one = torch.full(targets[rows].shape, -1.0, dtype=logp.dtype, device=logp.device)
-        return loss, logp.exp_().scatter_add_(-1, targets[rows], minus_one)  # softmax - one_hot
-
-    with torch.no_grad():
-        loss, grad = _chunked_linear_loss((hs.detach(),), lm_head_weight, chunk_size, chunk_loss,
-                                          need_grad)
-    if need_grad:
-        loss = _PrecomputedGrad.apply(hs, loss, grad)
-    return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,13 +452,16 @@ def sample_next(logits, temperature, top_k=0, top_p=1.0, generator=None):
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_completions(model, prompt_ids, prompt_mask, cfg: Config, tok, generator, engine=None):
-    """Completions [B, C] and their mask (1 up to and including the first eos) sampled from
-    `model` as it is now (LoRA on: the student; inside lora_disabled: the teacher).
+def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_tokens: int, temperature: float,
+                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool):
+    """Completions [B, C] and their mask (1 up to and including the first eos) sampled from the
+    model as it is now (LoRA on: the student; inside lora_disabled: the teacher). `engine` is the
+    DeepSpeed engine or a plain Thinker.
 
     Under ZeRO-3 every rank must make the same number of forward calls, so ranks agree on when
-    all of them are done. With --gather_for_generation the weights are gathered once for the
-    whole generation instead of at every decode step."""
+    all of them are done. With `gather` the weights are gathered once for the whole generation
+    instead of at every decode step."""
+    model = getattr(engine, "module", engine)
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
     def all_done(local_done: bool) -> bool:
@@ -749,13 +472,13 @@ def sample_completions(model, prompt_ids, prompt_mask, cfg: Config, tok, generat
         return flag.item() == 0
 
     def pick(logits):
-        return sample_next(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        return sample_next(logits, temperature, top_k, top_p, generator)
 
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
     try:
-        with gathered_for_generation(engine, cfg.gather_for_generation):
-            return generate(model, prompt_ids, prompt_mask, cfg.max_completion_length, tok.eos_ids, tok.pad_id,
+        with gathered_for_generation(engine, gather):
+            return generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
                             pick_next=pick, all_done=all_done)
     finally:
         model.train(was_training)
@@ -900,38 +623,42 @@ def build_student(cfg: Config, ds: dict, dtype, device, log):
 # ----------------------------------------------------------------------------------------------
 
 
-def lr_at(step: int, total: int, cfg: Config) -> float:
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float, schedule: str) -> float:
     """Linear warmup over warmup_ratio of the steps, then cosine / linear decay to 0, or constant."""
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    warmup = math.ceil(warmup_ratio * total)
     if step < warmup:
-        return cfg.learning_rate * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    if cfg.lr_scheduler_type == "cosine":
-        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.lr_scheduler_type == "linear":
-        return cfg.learning_rate * (1 - progress)
-    return cfg.learning_rate
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return peak * (1 - progress)
+    return peak
 
 
-def is_on_policy(cfg: Config, step: int) -> bool:
+def is_on_policy(step: int, seed: int, lmbda: float) -> bool:
     """The same draw on every rank (seeded by seed + global step, as ms-swift does)."""
-    return random.Random(cfg.seed + step).random() < cfg.lmbda
+    return random.Random(seed + step).random() < lmbda
 
 
-def micro_batches(encoded: list, cfg: Config, rank: int, world: int, pad_id: int, step: int):
+def step_branch(step: int, seed: int, lmbda: float, seq_kd: bool) -> str:
+    """Where step `step` takes its completions from: the student samples ("on-policy", with
+    probability lmbda), else the teacher samples ("teacher-sampled", --seq_kd) or the dataset."""
+    if is_on_policy(step, seed, lmbda):
+        return "on-policy"
+    return "teacher-sampled" if seq_kd else "dataset"
+
+
+def micro_batches(encoded: list, step: int, seed: int, batch_size: int, accumulation: int, rank: int,
+                  world: int, pad_id: int) -> list[Batch]:
     """The micro-batches of optimizer step `step` for this rank. The order is a seeded
     permutation per epoch, so it is a pure function of the step (exact resume)."""
-    per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
-    steps_per_epoch = len(encoded) // per_step
-    epoch, index = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    per_step = batch_size * world * accumulation
+    epoch, index = divmod(step, len(encoded) // per_step)
+    order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     rows = order[index * per_step:(index + 1) * per_step]
-    b = cfg.per_device_train_batch_size
-    out = []
-    for micro in range(cfg.gradient_accumulation_steps):
-        start = (micro * world + rank) * b
-        out.append(collate([encoded[i] for i in rows[start:start + b]], pad_id))
-    return out
+    starts = [(micro * world + rank) * batch_size for micro in range(accumulation)]
+    return [collate([encoded[i] for i in rows[start:start + batch_size]], pad_id) for start in starts]
 
 
 def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -941,33 +668,38 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     return hidden[:, start - 1:start - 1 + completion_ids.shape[1]]
 
 
-def lm_head_weight(model):
-    """The full lm_head weight for the loss, gathered under ZeRO-3 (frozen, so no grad flows)."""
+@contextmanager
+def gathered_lm_head(model):
+    """The full lm_head weight [V, H] for the loss, gathered around the block under ZeRO-3
+    (frozen, so no gradient flows to it)."""
     w = model.lm_head.weight
     if hasattr(w, "ds_id"):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters([w])
-    return nullcontext()
+        with deepspeed.zero.GatheredParameters([w]):
+            yield w
+    else:
+        yield w
 
 
-def gkd_loss_sums(engine, batch, completion_ids, completion_mask, cfg: Config, with_sft: bool):
+def gkd_loss_sums(engine, batch, completion_ids, completion_mask, beta: float, temperature: float,
+                  with_sft: bool):
     """Teacher pass (LoRA off, no grad, teacher prompt) and student pass (LoRA on, student
     prompt) on the same completion tokens -> (JSD sum, SFT sum, completion tokens).
     Logits exist only at completion positions, a chunk at a time. `engine` is the DeepSpeed
-    engine or a plain Thinker."""
+    engine (the student's forward goes through it, so its backward hooks see the loss) or a
+    plain Thinker."""
     model = getattr(engine, "module", engine)
     with torch.no_grad(), lora_disabled(model):
-        teacher_h = completion_hidden(engine, batch.teacher_prompt_ids, batch.teacher_prompt_mask,
+        teacher_h = completion_hidden(model, batch.teacher_prompt_ids, batch.teacher_prompt_mask,
                                       completion_ids, completion_mask)
     student_h = completion_hidden(engine, batch.student_prompt_ids, batch.student_prompt_mask,
                                   completion_ids, completion_mask)
     mask = completion_mask.bool().reshape(-1)  # [B * C]
     H = student_h.shape[-1]
-    with lm_head_weight(model):
-        w = model.lm_head.weight
-        jsd, n = chunked_generalized_jsd(student_h.reshape(-1, H), teacher_h.reshape(-1, H), w, mask,
-                                         cfg.beta, cfg.temperature)
+    with gathered_lm_head(model) as w:
+        jsd, n = chunked_jsd_loss_sum(student_h.reshape(-1, H), teacher_h.reshape(-1, H), w, mask, beta,
+                                      temperature)
         sft = (sft_loss_sum(student_h.reshape(-1, H), w, completion_ids.reshape(-1), mask) if with_sft
                else torch.zeros((), device=jsd.device))
     return jsd, sft, int(n)
@@ -981,23 +713,65 @@ def all_reduce_sum(x: float, device) -> float:
     return t.item()
 
 
+def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, temperature: float,
+               sft_alpha: float, lr: float) -> dict | None:
+    """One optimizer step over this rank's micro-batches (every rank calls it in lockstep):
+    completions -> teacher pass (LoRA off) -> student pass -> loss -> backward/step.
+
+    `sample(prompt_ids, prompt_mask) -> (ids, mask)` draws completions from the model as it is.
+    Returns the step's sums, or None when the loss is not finite on some rank: the step is then
+    skipped before any gradient exists."""
+    model, device, world = engine.module, batches[0].student_prompt_ids.device, torch.distributed.get_world_size()
+    t0 = time.time()
+    completions = []
+    for b in batches:
+        if branch == "on-policy":  # the student (LoRA on) answers its own prompt
+            completions.append(sample(b.student_prompt_ids, b.student_prompt_mask))
+        elif branch == "teacher-sampled":  # --seq_kd: the teacher (LoRA off) answers its prompt
+            with lora_disabled(model):
+                completions.append(sample(b.teacher_prompt_ids, b.teacher_prompt_mask))
+        else:  # the dataset's answer
+            completions.append((b.completion_ids, b.completion_mask))
+    sample_seconds = time.time() - t0
+    # the loss is per completion token of the whole global batch: every rank divides by the
+    # same count, times world because DeepSpeed averages the ranks' gradients
+    tokens = all_reduce_sum(sum(int(mask.sum()) for _, mask in completions), device)
+    losses, jsd_sum, sft_sum = [], 0.0, 0.0
+    for b, (ids, mask) in zip(batches, completions):
+        jsd, sft, _ = gkd_loss_sums(engine, b, ids, mask, beta, temperature,
+                                    with_sft=sft_alpha > 0 and branch != "on-policy")
+        losses.append((jsd + sft_alpha * sft) * world / max(tokens, 1.0))
+        jsd_sum, sft_sum = jsd_sum + jsd.item(), sft_sum + sft.item()
+    if all_reduce_sum(float(all(torch.isfinite(loss).item() for loss in losses)), device) < world:
+        return None
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    for loss in losses:  # one micro-batch at a time; DeepSpeed steps at the accumulation boundary
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    return {"jsd_sum": all_reduce_sum(jsd_sum, device), "sft_sum": all_reduce_sum(sft_sum, device),
+            "tokens": tokens, "sampled": sum(int(mask.sum()) for _, mask in completions) if branch != "dataset" else 0,
+            "sample_seconds": sample_seconds,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
 @torch.no_grad()
-def evaluate(engine, encoded_eval: list, cfg: Config, tok, device) -> float:
+def evaluate(engine, encoded_eval: list, batch_size: int, pad_id: int, beta: float, temperature: float,
+             device) -> float:
     """JSD per completion token on the held-out split's reference completions."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     was_training = engine.module.training
     engine.module.eval()
     total, tokens = 0.0, 0
-    b = cfg.per_device_eval_batch_size
     # every rank runs the same number of batches (an empty share repeats row 0 with weight 0)
-    batches = math.ceil(len(encoded_eval) / (b * world))
-    for i in range(batches):
-        rows = [encoded_eval[j] for j in range((i * world + rank) * b, (i * world + rank + 1) * b)
-                if j < len(encoded_eval)]
+    for i in range(math.ceil(len(encoded_eval) / (batch_size * world))):
+        first = (i * world + rank) * batch_size
+        rows = encoded_eval[first:first + batch_size]
         weight = 1.0 if rows else 0.0
-        batch = collate(rows or encoded_eval[:1], tok.pad_id)
-        jsd, _, n = gkd_loss_sums(engine, to_device(batch, device), batch.completion_ids.to(device),
-                                  batch.completion_mask.to(device), cfg, with_sft=False)
+        batch = to_device(collate(rows or encoded_eval[:1], pad_id), device)
+        jsd, _, n = gkd_loss_sums(engine, batch, batch.completion_ids, batch.completion_mask, beta, temperature,
+                                  with_sft=False)
         total += weight * jsd.item()
         tokens += int(weight * n)
     engine.module.train(was_training)
@@ -1042,15 +816,20 @@ def _inner_optimizer(engine):
 
 
 def optimizer_tensors(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 master weights and AdamW moments of the LoRA parameters (gathered collectively
-    under ZeRO; every rank must call this)."""
+    """Full fp32 master weights and AdamW moments of the LoRA parameters, on rank 0 ({} on the
+    others). Under ZeRO each tensor is gathered collectively, so every rank calls this; the
+    others drop each tensor at once, so no rank but rank 0 ever holds more than one of them
+    (the whole state is ~3.9 GB for the 30B model's LoRA)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    keep = torch.distributed.get_rank() == 0
     out = {}
     for name, p in lora_parameters(engine.module):
-        out[f"{name}.fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+        gathered = {"fp32": safe_get_full_fp32_param(p)}
         for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+            gathered[key] = safe_get_full_optimizer_state(p, key)
+        if keep:
+            out.update({f"{name}.{key}": t.detach().float().cpu().clone() for key, t in gathered.items()})
     return out
 
 
@@ -1084,52 +863,53 @@ def _adam_steps(engine) -> int:
     return int(steps[0]) if steps else 0
 
 
-def save_checkpoint(engine, cfg: Config, step: int, state: dict, log) -> str:
-    """Every rank calls this. Returns the checkpoint path. On failure (disk full, permissions)
-    every rank raises, the temporary directory is removed and older checkpoints are untouched."""
+def save_checkpoint(engine, output_dir: str, step: int, state: dict, save_only_model: bool,
+                    save_total_limit: int | None, log) -> str:
+    """Every rank calls this. Returns the checkpoint path.
+
+    The collectives (gathering the adapter and optimizer state) come first, on every rank; then
+    rank 0 alone writes, and whatever goes wrong there (disk full, permissions, a safetensors
+    error) is caught and broadcast, so every rank raises within seconds, the temporary directory
+    is removed and older checkpoints are untouched."""
     from safetensors.torch import save_file
 
     rank = torch.distributed.get_rank()
-    final = os.path.join(cfg.output_dir, f"{CHECKPOINT_PREFIX}{step}")
-    tmp = os.path.join(cfg.output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
-    opt = None if cfg.save_only_model else optimizer_tensors(engine)  # collective
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(output_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    adapter = adapter_tensors(engine.module)
+    opt = None if save_only_model else optimizer_tensors(engine)
     adam_steps = _adam_steps(engine)
     error = ""
     if rank == 0:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        except OSError as err:
-            error = f"cannot create {tmp!r}: {err}"
-    error = _broadcast_error(error)
-    if not error:
-        try:
-            save_adapter(engine.module, tmp)  # collective gather of the LoRA weights; rank 0 writes
-            if rank == 0:
-                if opt is not None:
-                    save_file(opt, os.path.join(tmp, OPTIMIZER_FILE))
-                with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                    json.dump(dict(state, step=step, adam_steps=adam_steps,
-                                   save_only_model=cfg.save_only_model), f, indent=2)
-                for name in os.listdir(tmp):
-                    with open(os.path.join(tmp, name), "rb") as f:
-                        os.fsync(f.fileno())
-                if os.path.exists(final):  # a re-run of the same step replaces it
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_dir(cfg.output_dir)
-                with open(os.path.join(cfg.output_dir, "latest.tmp"), "w") as f:
-                    f.write(os.path.basename(final) + "\n")
-                os.replace(os.path.join(cfg.output_dir, "latest.tmp"), os.path.join(cfg.output_dir, "latest"))
-        except OSError as err:
-            error = f"writing checkpoint {final!r} failed: {err}"
+            write_adapter(engine.module, adapter, tmp)
+            if opt is not None:
+                save_file(opt, os.path.join(tmp, OPTIMIZER_FILE))
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:  # last: its presence = complete
+                json.dump(dict(state, step=step, adam_steps=adam_steps, save_only_model=save_only_model), f,
+                          indent=2)
+            for name in os.listdir(tmp):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+            if os.path.exists(final):  # a re-run of the same step replaces it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(output_dir)
+            with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
+                f.write(os.path.basename(final) + "\n")
+            os.replace(os.path.join(output_dir, "latest.tmp"), os.path.join(output_dir, "latest"))
+        except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
+            error = f"writing checkpoint {final!r} failed: {type(err).__name__}: {err}"
             shutil.rmtree(tmp, ignore_errors=True)
     error = _broadcast_error(error)
     if error:
-        raise TrainingAborted(f"{error}. Previous checkpoints in {cfg.output_dir!r} are intact.")
-    if rank == 0 and cfg.save_total_limit is not None:
-        for _, old in complete_checkpoints(cfg.output_dir)[:-cfg.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)  # never the newest: limit >= 1
+        raise TrainingAborted(f"{error}. Previous checkpoints in {output_dir!r} are intact.")
+    if rank == 0 and save_total_limit is not None:
+        older = [path for _, path in complete_checkpoints(output_dir) if path != final]
+        for path in older[:max(0, len(older) - (save_total_limit - 1))]:  # never the one just written
+            shutil.rmtree(path, ignore_errors=True)
     torch.distributed.barrier()
     log(f"saved {final}")
     return final
@@ -1186,21 +966,61 @@ def peak_memory_gib(device) -> float:
 def progress_line(step: int, total: int, m: dict) -> str:
     done = int(20 * step / total)
     return (f"[{'#' * done}{'.' * (20 - done)}] step {step}/{total}  loss {m['loss']:.5f}  lr {m['lr']:.2e}  "
-            f"tok/s {m['tokens_per_s']:.0f}  samples/s {m['samples_per_s']:.2f}  {m['branch']}")
+            f"tok/s {m['tokens_per_s']:.0f}  samples/s {m['samples_per_s']:.2f}  branch={m['branch']}")
+
+
+def fixed_point_warning(teacher_differs: int, sft_alpha: float, resuming: bool) -> str | None:
+    """The one place that decides whether training can move at all. With no row whose teacher
+    prompt differs from the student's, no SFT term and a fresh adapter (B = 0), student ==
+    teacher: the divergence and its gradient are exactly 0 at every step."""
+    if teacher_differs or sft_alpha > 0 or resuming:
+        return None
+    return ("the teacher sees exactly what the student sees and the LoRA starts at B = 0, so "
+            "student == teacher: the divergence and its gradient are exactly 0 and training "
+            "cannot move. Give the teacher privileged context (--teacher_system, "
+            "--teacher_sees_reference, or per-row teacher context in the data), add --sft_alpha > 0, "
+            "or resume from a trained adapter.")
+
+
+def prepare_output_dir(output_dir: str, resume_step: int | None, overwrite: bool) -> None:
+    """Rank 0, before training. A directory holding checkpoints belongs to another run: refuse it
+    unless resuming or told to overwrite. On resume from step k, the checkpoints after k and the
+    metrics rows after k belong to the abandoned continuation of that run: drop them, so that
+    they can neither be mixed with this run's nor rotated in place of its checkpoints."""
+    found = complete_checkpoints(output_dir)
+    if resume_step is None and found and not overwrite:
+        raise ConfigError(f"--output_dir {output_dir!r} already holds checkpoints ({found[-1][1]}); "
+                          "continue that run with --resume_from_checkpoint latest, start over with "
+                          "--overwrite_output_dir true, or choose another --output_dir")
+    newer = [path for step, path in found if resume_step is None or step > resume_step]
+    for path in newer:
+        shutil.rmtree(path)
+    metrics = os.path.join(output_dir, METRICS_FILE)
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            rows = [line for line in f if resume_step is not None and json.loads(line).get("step", 0) <= resume_step]
+        with open(metrics, "w") as f:
+            f.writelines(rows)
+    if (newer or resume_step is None) and os.path.exists(os.path.join(output_dir, "latest")):
+        os.remove(os.path.join(output_dir, "latest"))
+
+
+METRICS_FILE = "metrics.jsonl"
+# Per-step RNG seeds are seed * STEP_SEED_STRIDE + step * world + rank: a prime stride larger than
+# any step * world, so no two (seed, step, rank) triples share a dropout / sampling seed.
+STEP_SEED_STRIDE = 1_000_003
 
 
 def train(cfg: Config) -> str:
     """Runs the whole job; returns the path of the final adapter."""
-    import deepspeed
-
-    # Everything that can fail cheaply (paths, config, tokenizer, data) runs before the process
-    # group and the model exist, so a bad input costs seconds, not a model load.
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     def log(msg: str):
         if rank == 0:
             print(msg, flush=True)
 
+    # Everything that can fail cheaply (paths, config, tokenizer, data) runs before deepspeed is
+    # imported and before the process group and the model exist: a bad input costs seconds.
     dtype = resolve_dtype(cfg.torch_dtype)
     if cfg.model is None:
         cfg.model = ensure_default_model()  # atomic: safe when every rank calls it
@@ -1219,8 +1039,18 @@ def train(cfg: Config) -> str:
     steps_per_epoch = len(encoded) // per_step
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(encoded)} training rows cannot fill one step of {per_step} rows "
-                          "(batch size x world size x gradient accumulation)")
+                          f"(batch size {cfg.per_device_train_batch_size} x {world} processes x gradient "
+                          f"accumulation {cfg.gradient_accumulation_steps}); use a smaller "
+                          "--per_device_train_batch_size, fewer processes, or more rows")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
+    resume_step = None
+    if resume_path:
+        with open(os.path.join(resume_path, STATE_FILE)) as f:
+            resume_step = json.load(f)["step"]
+    if rank == 0:
+        prepare_output_dir(cfg.output_dir, resume_step, cfg.overwrite_output_dir)
+        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
 
     log("selfkd: GKD LoRA self-distillation\n" + cfg.describe())
     skipped = dict(data_stats["rows_skipped"]) or "none"
@@ -1231,6 +1061,8 @@ def train(cfg: Config) -> str:
     log(f"world size {world}, {per_step} rows per optimizer step, {steps_per_epoch} steps per epoch, "
         f"{total} steps")
 
+    import deepspeed
+
     ds = deepspeed_config(cfg, dtype)
     device = init_distributed(cfg)
     model, summary = build_student(cfg, ds, dtype, device, log)
@@ -1238,102 +1070,84 @@ def train(cfg: Config) -> str:
         "  Student model: base_model + LoRA (trainable)\n"
         "  Teacher model: base_model with LoRA disabled (frozen)\n"
         f"  {summary}")
-    params = [p for _, p in lora_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    optimizer = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                  weight_decay=cfg.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
-    start = 0
-    if resume_path:
-        start = load_checkpoint(engine, resume_path, log)["step"]
-    elif data_stats.get("teacher_differs", 0) == 0 and cfg.sft_alpha == 0:
-        log("\n" + "!" * 100 + "\nWARNING: " + cfg.warnings()[0] + "\n" + "!" * 100 + "\n")
+    start = load_checkpoint(engine, resume_path, log)["step"] if resume_path else 0
+    warning = fixed_point_warning(data_stats["teacher_differs"], cfg.sft_alpha, resuming=resume_path is not None)
+    if warning:
+        log("\n" + "!" * 100 + "\nWARNING: " + warning + "\n" + "!" * 100 + "\n")
 
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
+    def eval_jsd() -> float:
+        return evaluate(engine, encoded_eval, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta,
+                        cfg.temperature, device)
+
     if encoded_eval:
-        log(f"eval JSD per token before step {start + 1}: {evaluate(engine, encoded_eval, cfg, tok, device):.6f}")
-    nonfinite_in_a_row, last_save = 0, None
+        log(f"eval JSD per token before step {start + 1}: {eval_jsd():.6f}")
+    nonfinite_in_a_row, last_save = 0, resume_path
     engine.train()
     for step in range(start, total):
         t0 = time.time()
-        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)  # dropout: a function of the step
-        sampler = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-        on_policy = is_on_policy(cfg, step)
-        branch = "on-policy" if on_policy else ("teacher-sampled" if cfg.seq_kd else "dataset")
-        batches = [to_device(b, device) for b in micro_batches(encoded, cfg, rank, world, tok.pad_id, step)]
-        completions, generated, t_gen = [], 0, time.time()
-        for b in batches:
-            if on_policy:
-                c = sample_completions(engine.module, b.student_prompt_ids, b.student_prompt_mask, cfg, tok,
-                                       sampler, engine)
-            elif cfg.seq_kd:
-                with lora_disabled(engine.module):
-                    c = sample_completions(engine.module, b.teacher_prompt_ids, b.teacher_prompt_mask, cfg, tok,
-                                           sampler, engine)
-            else:
-                c = (b.completion_ids, b.completion_mask)
-            generated += int(c[1].sum()) if (on_policy or cfg.seq_kd) else 0
-            completions.append(c)
-        t_gen = time.time() - t_gen
-        tokens = all_reduce_sum(sum(int(m.sum()) for _, m in completions), device)
-        lr = lr_at(step, total, cfg)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        # all forwards first: a non-finite loss then skips the step before any gradient exists
-        losses, jsd_sum, sft_sum = [], 0.0, 0.0
-        for b, (cids, cmask) in zip(batches, completions):
-            jsd, sft, _ = gkd_loss_sums(engine, b, cids, cmask, cfg, with_sft=cfg.sft_alpha > 0 and not on_policy)
-            losses.append((jsd + cfg.sft_alpha * sft) * world / max(tokens, 1.0))
-            jsd_sum, sft_sum = jsd_sum + jsd.item(), sft_sum + sft.item()
-        finite = all_reduce_sum(float(all(torch.isfinite(l).item() for l in losses)), device) == world
-        if finite:
-            for loss in losses:
-                engine.backward(loss, scale_wrt_gas=False)
-                engine.step()
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            nonfinite_in_a_row = 0
-            if not math.isfinite(grad_norm) and cfg.max_grad_norm > 0:
-                raise TrainingAborted(f"step {step + 1}: non-finite gradient norm ({grad_norm}) with a finite "
-                                         "loss; the LoRA weights may be damaged, so nothing is saved. "
-                                         f"Last complete checkpoint: {last_save}")
-        else:
-            del losses
+        step_seed = cfg.seed * STEP_SEED_STRIDE + step * world + rank
+        torch.manual_seed(step_seed)  # dropout: a function of the step
+        sampler = torch.Generator(device=device).manual_seed(step_seed)
+
+        def sample(prompt_ids, prompt_mask):
+            return sample_completions(engine, prompt_ids, prompt_mask, sampler,
+                                      max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                      top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                      gather=cfg.gather_for_generation)
+
+        branch = step_branch(step, cfg.seed, cfg.lmbda, cfg.seq_kd)
+        batches = [to_device(b, device) for b in micro_batches(
+            encoded, step, cfg.seed, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, rank, world,
+            tok.pad_id)]
+        lr = lr_at(step, total, cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler_type)
+        result = train_step(engine, batches, branch, sample, cfg.beta, cfg.temperature, cfg.sft_alpha, lr)
+
+        # the non-finite policy: skip a bad step, abort after too many in a row
+        if result is None:
             nonfinite_in_a_row += 1
             log(f"step {step + 1}: non-finite loss on some rank, step skipped "
                 f"({nonfinite_in_a_row} in a row, limit {cfg.max_nonfinite_steps})")
             if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 raise TrainingAborted(f"{nonfinite_in_a_row} non-finite steps in a row; aborting. "
-                                         f"Last complete checkpoint: {last_save}")
-            continue
-        seconds = time.time() - t0
-        jsd_mean = all_reduce_sum(jsd_sum, device) / max(tokens, 1.0)
-        m = {"step": step + 1, "loss": jsd_mean + cfg.sft_alpha * all_reduce_sum(sft_sum, device) / max(tokens, 1.0),
-             "jsd": jsd_mean, f"loss_{branch}": jsd_mean, "branch": branch, "lr": lr, "grad_norm": grad_norm,
-             "completion_tokens": int(tokens), "generated_tokens_per_s": (generated * world / t_gen) if generated else 0.0,
-             "tokens_per_s": tokens / seconds, "samples_per_s": per_step / seconds, "step_seconds": seconds,
-             "peak_memory_gib": peak_memory_gib(device)}
-        if step == start:
-            log(f"step-{step} loss: {m['loss']:.6f} ({branch} completions)")
-        if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and encoded_eval:
-            m["eval_jsd"] = evaluate(engine, encoded_eval, cfg, tok, device)
-        if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total or "eval_jsd" in m):
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            log(progress_line(step + 1, total, m) + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
-        if (step + 1) % cfg.save_steps == 0 or step + 1 == total:
-            last_save = save_checkpoint(engine, cfg, step + 1, {"metrics": m}, log)
-    final = last_save or os.path.join(cfg.output_dir, f"{CHECKPOINT_PREFIX}{total}")
+                                      f"Last complete checkpoint: {last_save or 'none'}")
+        else:
+            nonfinite_in_a_row = 0
+            if not math.isfinite(result["grad_norm"]) and cfg.max_grad_norm > 0:
+                raise TrainingAborted(f"step {step + 1}: non-finite gradient norm ({result['grad_norm']}) with a "
+                                      "finite loss; the LoRA weights may be damaged, so nothing is saved. "
+                                      f"Last complete checkpoint: {last_save or 'none'}")
+            seconds, tokens = time.time() - t0, result["tokens"]
+            jsd = result["jsd_sum"] / max(tokens, 1.0)
+            m = {"step": step + 1, "loss": jsd + cfg.sft_alpha * result["sft_sum"] / max(tokens, 1.0),
+                 "jsd": jsd, f"loss_{branch}": jsd, "branch": branch, "lr": lr, "grad_norm": result["grad_norm"],
+                 "completion_tokens": int(tokens),
+                 "generated_tokens_per_s": result["sampled"] * world / max(result["sample_seconds"], 1e-9),
+                 "tokens_per_s": tokens / seconds, "samples_per_s": per_step / seconds, "step_seconds": seconds,
+                 "peak_memory_gib": peak_memory_gib(device)}
+            if step == start:
+                log(f"step {step + 1} loss: {m['loss']:.6f} ({branch} completions)")
+            if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and encoded_eval:
+                m["eval_jsd"] = eval_jsd()
+            if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total or "eval_jsd" in m):
+                with open(os.path.join(cfg.output_dir, METRICS_FILE), "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                log(progress_line(step + 1, total, m) + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
+        if (result is not None and (step + 1) % cfg.save_steps == 0) or step + 1 == total:  # always at the end
+            last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1}, cfg.save_only_model,
+                                        cfg.save_total_limit, log)
     if encoded_eval:
-        log(f"final eval JSD per token: {evaluate(engine, encoded_eval, cfg, tok, device):.6f}")
-    log(f"done: {total} steps; adapter: {final}")
+        log(f"final eval JSD per token: {eval_jsd():.6f}")
+    log(f"done: {total} steps; adapter: {last_save}")
     # tear the process group down explicitly: left to interpreter exit, its background threads
     # can abort the process ("terminate called without an active exception") after a good run
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    return final
+    return last_save
 
 
 def check_writable(output_dir: str):

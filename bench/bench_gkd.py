@@ -15,7 +15,7 @@ student differs from the teacher) and PEFT loads OUR adapter file, so the LoRA w
 
 selfkd   a plain single-process loop (no DeepSpeed) doing what the trainer does:
          selfkd.gkd_loss_sums (teacher pass under no_grad + lora_disabled returning hidden
-         states, student pass, chunked_generalized_jsd on the completion positions only),
+         states, student pass, chunked_jsd_loss_sum on the completion positions only),
          backward, AdamW step; on-policy: model_qwen3omni.generate + selfkd.sample_next first.
 peer     transformers thinker + peft LoRA (teacher = `with peft_model.disable_adapter()`),
          TRL 1.16 GKDTrainer.compute_loss (student, then teacher full-sequence logits, shift,
@@ -77,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--loss-rows", type=int, default=640, help="rows of the loss-alone benchmark")
     p.add_argument("--loss-chunk", type=int, default=None,
-                   help="chunk_size of the loss-alone run (default: chunked_generalized_jsd's own default)")
+                   help="chunk_size of the loss-alone run (default: chunked_jsd_loss_sum's own default)")
     p.add_argument("--mm-size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 CUDA)")
     p.add_argument("--no-gc-row", action="store_true", help="skip the selfkd gradient-checkpointing row")
     p.add_argument("--mem-warmup", action="store_true",
@@ -92,8 +92,8 @@ def parse_args(argv=None):
     if a.loss_chunk is None:
         import inspect
 
-        from selfkd import chunked_generalized_jsd
-        a.loss_chunk = inspect.signature(chunked_generalized_jsd).parameters["chunk_size"].default
+        from loss import chunked_jsd_loss_sum
+        a.loss_chunk = inspect.signature(chunked_jsd_loss_sum).parameters["chunk_size"].default
     a.only = [s.strip() for s in a.only.split(",") if s.strip()]
     bad = [s for s in a.only if s not in SECTIONS]
     if bad:
@@ -260,8 +260,7 @@ def selfkd_step(a, cfg, model, opt, data, on_policy, generator=None, times=None,
             times["gen"] = time.perf_counter() - t
     batch = SimpleNamespace(teacher_prompt_ids=data.prompt_ids, teacher_prompt_mask=data.prompt_mask,
                             student_prompt_ids=data.prompt_ids, student_prompt_mask=data.prompt_mask)
-    jsd, _, n = gkd_loss_sums(Engine(model), batch, cids, cmask, SimpleNamespace(beta=a.beta, temperature=a.temperature),
-                              with_sft=False)
+    jsd, _, n = gkd_loss_sums(Engine(model), batch, cids, cmask, a.beta, a.temperature, with_sft=False)
     return backward_and_step(jsd / max(n, 1), opt, do_step)
 
 

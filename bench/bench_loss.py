@@ -7,8 +7,8 @@ hidden 2048, vocab 152064, bf16 hidden states and lm_head (as in the model). Eve
 gets the same inputs in one process and reports seconds (median of --repeats) and peak memory
 above what the inputs already hold: torch.cuda's peak counter on GPU, sampled RSS on CPU.
 
-  selfkd chunked    chunked_generalized_jsd: logits chunk by chunk, gradient in the same pass
-  selfkd whole      F.linear -> [N, V] bf16 logits -> generalized_jsd
+  selfkd chunked    chunked_jsd_loss_sum: logits chunk by chunk, gradient in the same pass
+  selfkd whole      F.linear -> [N, V] bf16 logits -> jsd_loss_sum
   TRL fp32          F.linear -> [N, V] bf16 logits -> .float() -> TRL's generalized_jsd_loss
                     (autograd), i.e. the textbook formula computed in fp32
 
@@ -16,7 +16,7 @@ above what the inputs already hold: torch.cuda's peak counter on GPU, sampled RS
 model's would be), so ~3e-3 is one bf16 rounding: the [rows, V] x [V, H] gradient matmul is
 blocked differently for a chunk than for all rows. CPU timings on a small machine are noisy
 (large fresh allocations page-fault); peak memory is the stable figure. On CPU selfkd keeps its
-logits buffers between calls (selfkd._scratch): the "held GiB" column is that memory, which the
+logits buffers between calls (loss._scratch): the "held GiB" column is that memory, which the
 peak (measured after a warm-up call) does not include.
 """
 
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-import selfkd  # noqa: E402
-from selfkd import chunked_generalized_jsd, generalized_jsd  # noqa: E402
+import loss as loss_module  # noqa: E402
+from loss import chunked_jsd_loss_sum, jsd_loss_sum  # noqa: E402
 
 
 class PeakMemory:
@@ -75,7 +75,7 @@ class PeakMemory:
 
 def selfkd_chunked(hs, ht, weight, mask, beta, temperature, chunk_size):
     h = hs.detach().requires_grad_()
-    loss_sum, n = chunked_generalized_jsd(h, ht, weight, mask, beta, temperature, chunk_size)
+    loss_sum, n = chunked_jsd_loss_sum(h, ht, weight, mask, beta, temperature, chunk_size)
     (loss_sum / n).backward()
     return loss_sum.item() / n, h.grad
 
@@ -84,7 +84,7 @@ def selfkd_whole(hs, ht, weight, mask, beta, temperature):
     h = hs.detach().requires_grad_()
     with torch.no_grad():
         teacher_logits = F.linear(ht, weight)
-    loss_sum, n = generalized_jsd(F.linear(h, weight), teacher_logits, mask, beta, temperature)
+    loss_sum, n = jsd_loss_sum(F.linear(h, weight), teacher_logits, mask, beta, temperature)
     (loss_sum / n).backward()
     return loss_sum.item() / n, h.grad
 
@@ -138,7 +138,7 @@ def main():
     reference = None
     print(f"{'variant':<22} {'seconds':>8} {'peak GiB':>9} {'held GiB':>9} {'loss':>12} {'grad rel diff':>14}")
     for name, run in variants:
-        selfkd._CPU_SCRATCH.clear()
+        loss_module._CPU_SCRATCH.clear()
         run()  # warm-up
         times, peaks = [], []
         for _ in range(args.repeats):
@@ -157,7 +157,7 @@ def main():
         else:
             diff = float((grad.float() - reference).norm() / reference.norm())
         del grad
-        held = sum(b.numel() * b.element_size() for b in selfkd._CPU_SCRATCH.values())
+        held = sum(b.numel() * b.element_size() for b in loss_module._CPU_SCRATCH.values())
         print(f"{name:<22} {statistics.median(times):8.3f} {max(peaks) / 2**30:9.2f} {held / 2**30:9.2f} "
               f"{loss:12.6f} {diff:14.2e}")
 

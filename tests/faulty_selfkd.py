@@ -3,6 +3,7 @@
     kill_during_save=N    SIGKILL this process while it writes its N-th checkpoint
                           (after the adapter file, before the checkpoint is complete)
     enospc_during_save=N  the N-th checkpoint write fails with ENOSPC (disk full)
+    safetensors_error_during_save=N  the N-th checkpoint's adapter write fails inside safetensors
     nan_loss=2,3          the training loss of these steps (1-based) is NaN
 """
 import errno
@@ -16,25 +17,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import selfkd  # noqa: E402
 
 fault, _, arg = os.environ.get("SELFKD_FAULT", "").partition("=")
-if fault in ("kill_during_save", "enospc_during_save"):
-    real_save, saves = selfkd.save_adapter, [0]
+if fault in ("kill_during_save", "enospc_during_save", "safetensors_error_during_save"):
+    real_write, saves = selfkd.write_adapter, [0]
 
-    def save_adapter(model, path):
-        real_save(model, path)
+    def write_adapter(model, tensors, path):  # rank 0 only
         saves[0] += 1
+        if saves[0] == int(arg) and fault == "safetensors_error_during_save":
+            from safetensors import SafetensorError
+            raise SafetensorError("Error while serializing: IoError(No space left on device)")
+        real_write(model, tensors, path)
         if saves[0] == int(arg):
             if fault == "kill_during_save":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    selfkd.save_adapter = save_adapter
+    selfkd.write_adapter = write_adapter
 elif fault == "nan_loss":
     bad_steps, real_branch, real_loss, current = {int(s) for s in arg.split(",")}, selfkd.is_on_policy, \
         selfkd.gkd_loss_sums, [0]
 
-    def is_on_policy(cfg, step):  # called once per training step: remember which
+    def is_on_policy(step, seed, lmbda):  # called once per training step: remember which
         current[0] = step + 1
-        return real_branch(cfg, step)
+        return real_branch(step, seed, lmbda)
 
     def gkd_loss_sums(*args, **kwargs):
         jsd, sft, n = real_loss(*args, **kwargs)

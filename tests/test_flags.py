@@ -1,10 +1,11 @@
 """selfkd's command line: the seed's ms-swift flags unchanged, and clear errors for bad ones."""
 
+import json
 import shlex
 
 import pytest
 
-from selfkd import Config, ConfigError, parse_args
+from selfkd import Config, ConfigError, fixed_point_warning, parse_args
 
 SEED = """
 --rlhf_type gkd --model MODEL --teacher_model MODEL --train_type lora --torch_dtype bfloat16
@@ -151,5 +152,38 @@ def test_describe_and_warnings(model_dir):
     assert len(value_columns) == 1  # values start in one column
     assert any(line.split(":")[0] == "deepspeed" and line.endswith(" zero3") for line in lines)
 
-    assert any("student == teacher" in w for w in c.warnings())
-    assert parse_args(seed_argv(model_dir, "--teacher_system", "Be concise.")).warnings() == []
+    assert "student == teacher" in fixed_point_warning(teacher_differs=0, sft_alpha=0.0, resuming=False)
+    assert fixed_point_warning(teacher_differs=3, sft_alpha=0.0, resuming=False) is None
+    assert fixed_point_warning(teacher_differs=0, sft_alpha=0.1, resuming=False) is None
+    assert fixed_point_warning(teacher_differs=0, sft_alpha=0.0, resuming=True) is None
+
+
+@pytest.mark.parametrize("key,value", [("mics_shard_size", 2), ("zero_hpz_partition_size", 2),
+                                       ("zero_quantized_weights", True)])
+def test_deepspeed_json_with_a_partitioning_the_loader_cannot_fill_is_rejected(key, value, model_dir, tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, key: value}}))
+    with pytest.raises(ConfigError, match=rf"zero_optimization\.{key} = {value} is not supported"):
+        parse_args(seed_argv(model_dir, "--deepspeed", str(path)))
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "mics_shard_size": -1}}))
+    assert parse_args(seed_argv(model_dir, "--deepspeed", str(path))).deepspeed == str(path)
+
+
+def test_optimizer_state_is_kept_only_on_rank_0(monkeypatch):
+    """Saving gathers each tensor collectively, but only rank 0 (the writer) may keep them: the
+    30B model's LoRA optimizer state is ~3.9 GB, once per rank otherwise."""
+    import types
+
+    import deepspeed.utils
+    import torch
+
+    import selfkd
+
+    param = torch.nn.Parameter(torch.ones(3))
+    engine = types.SimpleNamespace(module=None)
+    monkeypatch.setattr(selfkd, "lora_parameters", lambda module: [("layer.lora_A", param)])
+    monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param", lambda p: p.detach() * 2)
+    monkeypatch.setattr(deepspeed.utils, "safe_get_full_optimizer_state", lambda p, key: p.detach() * 3)
+    for rank, expected in ((1, set()), (0, {"layer.lora_A.fp32", "layer.lora_A.exp_avg", "layer.lora_A.exp_avg_sq"})):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
+        assert set(selfkd.optimizer_tensors(engine)) == expected

@@ -15,14 +15,9 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
-import selfkd  # noqa: E402
-from selfkd import (
-    chunked_generalized_jsd,
-    filter_logits,
-    generalized_jsd,
-    sample_next,
-    sft_loss_sum,
-)
+import loss  # noqa: E402
+from loss import chunked_jsd_loss_sum, generalized_jsd, jsd_loss_sum, sft_loss_sum  # noqa: E402
+from selfkd import filter_logits, sample_next  # noqa: E402
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 TEMPERATURES = [0.5, 1.0, 2.0]
@@ -43,7 +38,7 @@ def logits_and_labels(dtype, seed=0, batch=3, seq=7, vocab=64):
     return student, teacher, labels
 
 
-# fp64: both sides agree to rounding (1e-10); fp32: the brief's 1e-5.
+# fp64: both sides agree to rounding (1e-10); fp32: 1e-5 relative.
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("beta", BETAS)
@@ -56,7 +51,7 @@ def test_matches_trl_value_and_grad(beta, temperature, dtype, tol):
     ref.backward()
 
     s = student.clone().requires_grad_()
-    loss_sum, n = generalized_jsd(s, teacher, labels != -100, beta, temperature)
+    loss_sum, n = jsd_loss_sum(s, teacher, labels != -100, beta, temperature)
     (loss_sum / n).backward()  # batchmean
 
     assert n == int((labels != -100).sum())
@@ -78,7 +73,7 @@ def test_extreme_logits_stay_finite_and_correct(beta):
     ref.backward()
 
     s = student.float().requires_grad_()
-    loss_sum, n = generalized_jsd(s, teacher.float(), mask, beta, 1.0)
+    loss_sum, n = jsd_loss_sum(s, teacher.float(), mask, beta, 1.0)
     (loss_sum / n).backward()
     assert torch.isfinite(loss_sum) and torch.isfinite(s.grad).all()
     assert rel(loss_sum / n, ref) <= 1e-5
@@ -100,7 +95,7 @@ def test_nonnegative_in_bf16(beta, temperature):
         student = (teacher.float() + noise * torch.randn(48, 2000, generator=g)).bfloat16()
         for row in range(teacher.shape[0]):
             one = slice(row, row + 1)
-            loss_sum, _ = generalized_jsd(student[one], teacher[one], torch.ones(1, dtype=torch.bool),
+            loss_sum, _ = jsd_loss_sum(student[one], teacher[one], torch.ones(1, dtype=torch.bool),
                                           beta, temperature)
             assert loss_sum >= 0, (noise, row, float(loss_sum))
 
@@ -114,7 +109,7 @@ def test_identical_inputs_give_exact_zero(beta, temperature):
         logits = (5 * torch.randn(2, 9, 300)).to(dtype)
         mask = torch.ones(2, 9, dtype=torch.bool)
         s = logits.clone().requires_grad_()
-        loss_sum, _ = generalized_jsd(s, logits, mask, beta, temperature)
+        loss_sum, _ = jsd_loss_sum(s, logits, mask, beta, temperature)
         loss_sum.backward()
         assert loss_sum.item() == 0.0
         assert (s.grad == 0).all()
@@ -122,7 +117,7 @@ def test_identical_inputs_give_exact_zero(beta, temperature):
     hidden = torch.randn(20, 32, dtype=torch.bfloat16)
     weight = torch.randn(300, 32, dtype=torch.bfloat16)
     h = hidden.clone().requires_grad_()
-    loss_sum, _ = chunked_generalized_jsd(h, hidden, weight, torch.ones(20, dtype=torch.bool),
+    loss_sum, _ = chunked_jsd_loss_sum(h, hidden, weight, torch.ones(20, dtype=torch.bool),
                                           beta, temperature, chunk_size=6)
     loss_sum.backward()
     assert loss_sum.item() == 0.0
@@ -144,11 +139,11 @@ def test_chunked_matches_unchunked(beta, chunk_size):
     hs, ht, weight, mask = hidden_inputs(torch.float64)
 
     h_ref = hs.clone().requires_grad_()
-    ref, n_ref = generalized_jsd(F.linear(h_ref, weight), F.linear(ht, weight), mask, beta, 2.0)
+    ref, n_ref = jsd_loss_sum(F.linear(h_ref, weight), F.linear(ht, weight), mask, beta, 2.0)
     ref.backward()
 
     h = hs.clone().requires_grad_()
-    loss_sum, n = chunked_generalized_jsd(h, ht, weight, mask, beta, 2.0, chunk_size=chunk_size)
+    loss_sum, n = chunked_jsd_loss_sum(h, ht, weight, mask, beta, 2.0, chunk_size=chunk_size)
     loss_sum.backward()
 
     assert n == n_ref
@@ -161,12 +156,12 @@ def test_chunked_matches_unchunked(beta, chunk_size):
 def test_row_blocking_does_not_change_the_result(beta, rows_per_block, monkeypatch):
     hs, ht, weight, mask = hidden_inputs(torch.float64)
     h_ref = hs.clone().requires_grad_()
-    ref, _ = chunked_generalized_jsd(h_ref, ht, weight, mask, beta, 2.0, chunk_size=16)
+    ref, _ = chunked_jsd_loss_sum(h_ref, ht, weight, mask, beta, 2.0, chunk_size=16)
     ref.backward()
 
-    monkeypatch.setitem(selfkd.ROWS_PER_BLOCK, "cpu", rows_per_block)
+    monkeypatch.setitem(loss.ROWS_PER_BLOCK, "cpu", rows_per_block)
     h = hs.clone().requires_grad_()
-    loss_sum, _ = chunked_generalized_jsd(h, ht, weight, mask, beta, 2.0, chunk_size=16)
+    loss_sum, _ = chunked_jsd_loss_sum(h, ht, weight, mask, beta, 2.0, chunk_size=16)
     loss_sum.backward()
     assert rel(loss_sum, ref) <= 1e-12
     assert rel(h.grad, h_ref.grad) <= 1e-12
@@ -185,7 +180,7 @@ def test_chunked_bf16_matches_autograd_through_bf16_logits():
     ref.backward()
 
     h = hs.clone().requires_grad_()
-    loss_sum, _ = chunked_generalized_jsd(h, ht, weight, mask, 0.5, 2.0, chunk_size=7)
+    loss_sum, _ = chunked_jsd_loss_sum(h, ht, weight, mask, 0.5, 2.0, chunk_size=7)
     loss_sum.backward()
     assert h.grad.dtype == torch.bfloat16
     assert rel(loss_sum, ref) <= 1e-4
@@ -216,7 +211,7 @@ def test_fp32_accurate_near_the_fixed_point(beta):
 
     ref, ref_grad = trl(torch.float64)
     s = student.float().detach().requires_grad_()
-    loss_sum, _ = generalized_jsd(s, teacher.float(), torch.ones(24, dtype=torch.bool), beta, 2.0)
+    loss_sum, _ = jsd_loss_sum(s, teacher.float(), torch.ones(24, dtype=torch.bool), beta, 2.0)
     loss_sum.backward()
     assert rel(loss_sum, ref) <= 1e-4
     assert rel(s.grad, ref_grad) <= 1e-3
@@ -227,13 +222,13 @@ def test_fp32_accurate_near_the_fixed_point(beta):
 def test_no_grad_and_empty_mask():
     hs, ht, weight, mask = hidden_inputs(torch.float32)
     h = hs.clone().requires_grad_()
-    with_grad, _ = chunked_generalized_jsd(h, ht, weight, mask, 0.5, 1.0, chunk_size=16)
+    with_grad, _ = chunked_jsd_loss_sum(h, ht, weight, mask, 0.5, 1.0, chunk_size=16)
     with torch.no_grad():
-        without, _ = chunked_generalized_jsd(h, ht, weight, mask, 0.5, 1.0, chunk_size=16)
+        without, _ = chunked_jsd_loss_sum(h, ht, weight, mask, 0.5, 1.0, chunk_size=16)
     assert without.grad_fn is None and torch.equal(with_grad.detach(), without)
 
     empty = torch.zeros_like(mask)
-    loss_sum, n = chunked_generalized_jsd(h, ht, weight, empty, 0.5, 1.0)
+    loss_sum, n = chunked_jsd_loss_sum(h, ht, weight, empty, 0.5, 1.0)
     loss_sum.backward()  # still part of the graph: every rank can call backward
     assert n == 0 and loss_sum.item() == 0.0 and (h.grad == 0).all()
 
@@ -241,7 +236,7 @@ def test_no_grad_and_empty_mask():
 def test_frozen_lm_head_required():
     hs, ht, weight, mask = hidden_inputs(torch.float32)
     with pytest.raises(ValueError, match="frozen"):
-        chunked_generalized_jsd(hs, ht, weight.requires_grad_(), mask, 0.5, 1.0)
+        chunked_jsd_loss_sum(hs, ht, weight.requires_grad_(), mask, 0.5, 1.0)
 
 
 @pytest.mark.parametrize("bad", [dict(beta=1.5), dict(beta=-0.1), dict(temperature=0.0)])
@@ -249,7 +244,7 @@ def test_bad_loss_arguments(bad):
     s, t, labels = logits_and_labels(torch.float32)
     args = dict(beta=0.5, temperature=1.0) | bad
     with pytest.raises(ValueError, match=next(iter(bad))):
-        generalized_jsd(s, t, labels != -100, **args)
+        jsd_loss_sum(s, t, labels != -100, **args)
 
 
 @pytest.mark.parametrize("chunk_size", [5, 40, 512])
@@ -317,3 +312,46 @@ def test_sample_next_greedy_seeded_and_filtered():
 
     ids = draw(4, top_p=1e-6)  # nucleus of one token: sampling is greedy
     assert torch.equal(ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("beta", BETAS)
+def test_kernels_equal_the_spec(beta, temperature):
+    """The fast kernels against loss.generalized_jsd (the paper's formula), fp64: value and the
+    gradient w.r.t. the student logits and hidden states agree to rounding."""
+    hs, ht, weight, mask = hidden_inputs(torch.float64)
+    h_spec = hs.clone().requires_grad_()
+    spec = generalized_jsd(F.linear(h_spec, weight), F.linear(ht, weight), beta, temperature)[mask].sum()
+    spec.backward()
+
+    h_logits = hs.clone().requires_grad_()
+    from_logits, n = jsd_loss_sum(F.linear(h_logits, weight), F.linear(ht, weight), mask, beta, temperature)
+    from_logits.backward()
+    h_chunked = hs.clone().requires_grad_()
+    chunked, _ = chunked_jsd_loss_sum(h_chunked, ht, weight, mask, beta, temperature, chunk_size=7)
+    chunked.backward()
+    assert n == int(mask.sum())
+    for value, grad in ((from_logits, h_logits.grad), (chunked, h_chunked.grad)):
+        assert rel(value, spec) <= 1e-12
+        assert rel(grad, h_spec.grad) <= 1e-10
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.5, 6, 1.0),
+                                                     (1.0, 0, 0.8), (2.0, 8, 0.9)])
+def test_sample_next_draws_from_the_filtered_softmax(temperature, top_k, top_p):
+    """Chi-square goodness of fit: 20000 draws over a 12-token vocabulary against the exact
+    distribution softmax(filter(logits / T)). The bound is the 0.999 quantile of chi-square
+    with (support - 1) degrees of freedom (at most 11: 31.26), so a correct sampler fails once
+    in a thousand seeds; the seed is fixed, so the test is deterministic."""
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(11)) * 1.5
+    expected = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)[0].double()
+    n = 20000
+    g = torch.Generator().manual_seed(12)
+    draws = sample_next(logits.expand(n, -1), temperature, top_k, top_p, generator=g)
+    counts = torch.bincount(draws, minlength=12).double()
+    support = expected > 0
+    assert counts[~support].sum() == 0  # nothing outside the filtered support
+    chi2 = ((counts[support] - n * expected[support]) ** 2 / (n * expected[support])).sum().item()
+    quantile_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32, 8: 26.12,
+                    9: 27.88, 10: 29.59, 11: 31.26}
+    assert chi2 < quantile_999[int(support.sum()) - 1], chi2

@@ -229,7 +229,75 @@ def test_disk_full_at_save_is_a_clear_error_and_keeps_older_checkpoints(tiny_mod
     assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-1"
 
 
-# 9. nothing is unpickled ---------------------------------------------------------------------
+def test_a_safetensors_error_at_save_reaches_every_rank_and_leaves_no_debris(tiny_model_dir, tmp_path):
+    """safetensors raises its own SafetensorError (not an OSError) when serialisation fails: two
+    ranks, both stop within seconds (not after --ddp_timeout), the temporary directory is gone and
+    the older checkpoint is intact."""
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "faulty_selfkd.py"),
+           *small_run(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "1", "--ddp_timeout", "900")]
+    started = time.time()
+    result = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, SELFKD_FAULT="safetensors_error_during_save=2"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert time.time() - started < 240
+    errors = [line for line in result.stderr.splitlines() if line.startswith("selfkd: error:")]
+    assert errors and all(re.search(r"writing checkpoint .*checkpoint-2.* failed: SafetensorError.*"
+                                    r"Previous checkpoints .* are intact", e) for e in errors), result.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint-1", "latest", "metrics.jsonl"]
+    assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-1"
+
+
+def test_a_non_finite_last_step_still_saves_the_final_checkpoint(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    result = cli(small_run(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "10"),
+                 fault="nan_loss=3", script="faulty_selfkd.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 3: non-finite loss on some rank, step skipped" in result.stdout
+    assert os.path.isfile(os.path.join(out, "checkpoint-3", "trainer_state.json"))
+    assert f"adapter: {os.path.join(out, 'checkpoint-3')}" in result.stdout
+
+
+def test_an_abort_after_resume_names_the_checkpoint_it_resumed_from(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    assert cli(small_run(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "2")).returncode == 0
+    result = cli(small_run(tiny_model_dir, out, "--max_steps", "6", "--save_steps", "10", "--max_nonfinite_steps", "2",
+                           "--resume_from_checkpoint", "latest"), fault="nan_loss=3,4", script="faulty_selfkd.py")
+    one_line_error(result, r"2 non-finite steps in a row; aborting\. Last complete checkpoint: .*checkpoint-2$",
+                   code=1)
+
+
+# 9. the output directory --------------------------------------------------------------------------
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "out")
+    assert cli(small_run(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "1")).returncode == 0
+    refused = cli(small_run(tiny_model_dir, out, "--max_steps", "2"))
+    one_line_error(refused, r"--output_dir .* already holds checkpoints .*--resume_from_checkpoint latest.*"
+                            r"--overwrite_output_dir true")
+    again = cli(small_run(tiny_model_dir, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1"]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1]
+    assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 1
+
+
+def test_resume_from_an_older_checkpoint_drops_the_abandoned_run_and_keeps_what_it_writes(tiny_model_dir, tmp_path):
+    """Checkpoints 1-4 exist; resuming from checkpoint-1 with --save_total_limit 2 abandons 2-4. The
+    checkpoint the resumed run writes must survive rotation, and the metrics hold one history."""
+    out = str(tmp_path / "out")
+    assert cli(small_run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "1")).returncode == 0
+    result = cli(small_run(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "2",
+                           "--resume_from_checkpoint", os.path.join(out, "checkpoint-1")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1", "checkpoint-2"]
+    assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-2"
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2]
+
+
+# 10. nothing is unpickled ---------------------------------------------------------------------
 
 
 def test_no_pickle_anywhere_in_the_code():

@@ -11,7 +11,7 @@ import torch
 from data import SAMPLE_DATASET, collate, encode_examples, load_dataset_specs, load_tokenizer
 from lora import inject_lora, lora_parameters
 from model_qwen3omni import load_thinker
-from selfkd import Config, gkd_loss_sums, is_on_policy, lr_at, sample_completions
+from selfkd import Config, gkd_loss_sums, is_on_policy, lr_at, sample_completions, step_branch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,8 @@ def test_without_teacher_context_loss_and_every_gradient_are_exactly_zero(tiny_m
     model = student(tiny_model_dir)
     _, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
     assert torch.equal(batch.teacher_prompt_ids, batch.student_prompt_ids)
-    jsd, _, n = gkd_loss_sums(model, batch, batch.completion_ids, batch.completion_mask, cfg, with_sft=False)
+    jsd, _, n = gkd_loss_sums(model, batch, batch.completion_ids, batch.completion_mask, cfg.beta, cfg.temperature,
+                              with_sft=False)
     assert n > 0
     assert jsd.item() == 0.0
     jsd.backward()
@@ -60,7 +61,8 @@ def test_with_teacher_context_the_divergence_goes_down(tiny_model_dir):
 
     def mean_loss():
         with torch.no_grad():
-            sums = [gkd_loss_sums(model.eval(), b, b.completion_ids, b.completion_mask, cfg, False) for b in data]
+            sums = [gkd_loss_sums(model.eval(), b, b.completion_ids, b.completion_mask, cfg.beta, cfg.temperature,
+                                  False) for b in data]
         model.train()
         return sum(s[0].item() for s in sums) / sum(s[2] for s in sums)
 
@@ -68,11 +70,16 @@ def test_with_teacher_context_the_divergence_goes_down(tiny_model_dir):
     assert before > 1e-3
     for step in range(24):
         b = data[step % len(data)]
-        jsd, _, n = gkd_loss_sums(model, b, b.completion_ids, b.completion_mask, cfg, False)
+        jsd, _, n = gkd_loss_sums(model, b, b.completion_ids, b.completion_mask, cfg.beta, cfg.temperature, False)
         (jsd / n).backward()
         opt.step()
         opt.zero_grad()
     assert mean_loss() < 0.8 * before
+
+
+def sampling(cfg, tok):
+    return dict(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=cfg.gather_for_generation)
 
 
 def test_sampling_is_seeded_and_respects_max_length(tiny_model_dir):
@@ -82,7 +89,7 @@ def test_sampling_is_seeded_and_respects_max_length(tiny_model_dir):
 
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
-        return sample_completions(model, batch.student_prompt_ids, batch.student_prompt_mask, cfg, tok, g)
+        return sample_completions(model, batch.student_prompt_ids, batch.student_prompt_mask, g, **sampling(cfg, tok))
 
     (a, am), (b, bm), (c, _) = draw(1), draw(1), draw(2)
     assert torch.equal(a, b) and torch.equal(am, bm)
@@ -102,11 +109,11 @@ def test_teacher_sampling_is_the_base_model(tiny_model_dir):
             p.add_(0.1)  # a trained-looking adapter
     base = load_thinker(tiny_model_dir, dtype=torch.float32)
     tok, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
-    args = (batch.teacher_prompt_ids, batch.teacher_prompt_mask, cfg, tok)
+    args, kwargs = (batch.teacher_prompt_ids, batch.teacher_prompt_mask), sampling(cfg, tok)
     with lora_disabled(model):
-        teacher = sample_completions(model, *args, torch.Generator().manual_seed(3))
-    reference = sample_completions(base, *args, torch.Generator().manual_seed(3))
-    student_draw = sample_completions(model, *args, torch.Generator().manual_seed(3))
+        teacher = sample_completions(model, *args, torch.Generator().manual_seed(3), **kwargs)
+    reference = sample_completions(base, *args, torch.Generator().manual_seed(3), **kwargs)
+    student_draw = sample_completions(model, *args, torch.Generator().manual_seed(3), **kwargs)
     assert torch.equal(teacher[0], reference[0])
     assert not torch.equal(student_draw[0], reference[0])
 
@@ -125,17 +132,18 @@ def test_the_fixed_point_warning_and_step0_loss_are_printed(tiny_model_dir, tmp_
                       "--output_dir", str(tmp_path / "out")], nproc=1)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WARNING: the teacher sees exactly what the student sees" in out.stdout
-    assert "step-0 loss: 0.000000" in out.stdout
+    assert "step 1 loss: 0.000000" in out.stdout
 
 
 def test_branch_draw_and_schedule():
-    cfg = Config(lmbda=0.5, seed=42, learning_rate=1e-3, warmup_ratio=0.1)
-    draws = [is_on_policy(cfg, s) for s in range(200)]
-    assert draws == [is_on_policy(cfg, s) for s in range(200)]  # same on every rank
+    draws = [is_on_policy(s, 42, 0.5) for s in range(200)]
+    assert draws == [is_on_policy(s, 42, 0.5) for s in range(200)]  # same on every rank
     assert 70 < sum(draws) < 130
-    assert not any(is_on_policy(Config(lmbda=0.0), s) for s in range(50))
-    assert all(is_on_policy(Config(lmbda=1.0), s) for s in range(50))
-    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert not any(is_on_policy(s, 42, 0.0) for s in range(50))
+    assert all(is_on_policy(s, 42, 1.0) for s in range(50))
+    assert {step_branch(s, 42, 0.5, seq_kd=True) for s in range(20)} == {"on-policy", "teacher-sampled"}
+    assert {step_branch(s, 42, 0.5, seq_kd=False) for s in range(20)} == {"on-policy", "dataset"}
+    lrs = [lr_at(s, 100, 1e-3, 0.1, "cosine") for s in range(100)]
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-5
 
@@ -163,19 +171,18 @@ def test_two_process_zero3_end_to_end_and_exact_resume(tiny_model_dir, tmp_path)
               "--learning_rate", "3e-3", "--lmbda", "0.5", "--teacher_sees_reference", "true",
               "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1",
               "--seed", "1", "--save_only_model", "false", "--lora_dropout", "0.1"]
-    cfg = Config(lmbda=0.5, seed=1)
-    assert {is_on_policy(cfg, s) for s in range(6)} == {True, False}  # both branches are hit
+    assert {is_on_policy(s, 1, 0.5) for s in range(6)} == {True, False}  # both branches are hit
     full = str(tmp_path / "full")
     out = run_selfkd(common + ["--output_dir", full])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Teacher model: base_model with LoRA disabled (frozen)" in out.stdout
-    assert "step-0 loss:" in out.stdout and "adapter: " in out.stdout
+    assert "step 1 loss:" in out.stdout and "adapter: " in out.stdout
     straight = metrics(full)
     assert [m["step"] for m in straight] == list(range(1, 7))
     assert {m["branch"] for m in straight} == {"on-policy", "dataset"}
     assert "eval_jsd" in straight[2] and "eval_jsd" in straight[5]
     assert all(m["loss"] > 0 for m in straight)
-    assert sorted(os.listdir(full)) == ["checkpoint-3", "checkpoint-6", "latest", "metrics.jsonl"]
+    assert sorted(os.listdir(full)) == ["args.json", "checkpoint-3", "checkpoint-6", "latest", "metrics.jsonl"]
 
     resumed = str(tmp_path / "resumed")
     # generation without the one-time gather (per-module ZeRO-3 gathers) must sample the same tokens
