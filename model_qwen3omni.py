@@ -1,12 +1,16 @@
-"""The Qwen3-Omni-30B-A3B thinker, text path, in plain PyTorch.
+"""The Qwen3-Omni-30B-A3B thinker's language model in plain PyTorch: text, and the language-model
+side of audio/image/video prompts.
 
-Read top to bottom: config -> building blocks (RMSNorm, RoPE, attention, grouped MoE) ->
-the Thinker -> loading the released safetensors checkpoint -> writing a random one.
+Read top to bottom: config -> building blocks (RMSNorm, RoPE and MRoPE, attention, grouped MoE) ->
+multimodal positions (rope_index) -> the Thinker (with MediaEmbeds) -> loading the released
+safetensors checkpoint -> writing a random one -> decoding.
 
 The thinker's language model is a Qwen3 MoE decoder: pre-norm blocks, GQA attention with
 per-head q/k RMSNorm before RoPE, and a top-k routed mixture of SwiGLU experts. Qwen3-Omni
-uses interleaved multimodal RoPE (MRoPE), but for text every MRoPE axis carries the same
-position, which makes it exactly ordinary 1-D RoPE: that is what we implement.
+uses interleaved multimodal RoPE (MRoPE): every token has a (time, height, width) position and
+each rotary frequency reads one of the three. For text the three are equal, which makes it
+exactly ordinary 1-D RoPE: text-only batches take that path. Media tokens (the outputs of the
+audio and vision towers, scattered over placeholder tokens) get 3-D positions from `rope_index`.
 """
 from __future__ import annotations
 
@@ -47,6 +51,37 @@ class ThinkerConfig:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 65536
     tie_word_embeddings: bool = False
+    # MRoPE: how the head_dim/2 rotary frequencies are shared by the (time, height, width) axes.
+    # None -> default_mrope_section(head_dim), which is the released [24, 20, 20] at head_dim 128.
+    mrope_section: list[int] | None = None
+    # Multimodal placeholder ids and timing, at the thinker_config level of config.json (siblings of
+    # text_config). Released values; transformers' class defaults differ for audio_token_id (151646),
+    # audio_start_token_id (151647) and position_id_per_seconds (25). The ids may lie outside a tiny
+    # test vocab: they are only looked up when media is passed.
+    audio_token_id: int = 151675  # <|audio_pad|>
+    image_token_id: int = 151655  # <|image_pad|>
+    video_token_id: int = 151656  # <|video_pad|>
+    audio_start_token_id: int = 151669  # <|audio_start|>
+    audio_end_token_id: int = 151670  # <|audio_end|>
+    vision_start_token_id: int = 151652  # <|vision_start|>
+    vision_end_token_id: int = 151653  # <|vision_end|>
+    position_id_per_seconds: int = 13  # MRoPE time ticks per second: 1 audio token = 1 tick; video t*spg*13
+    spatial_merge_size: int = 2  # vision_config: a 2x2 block of 16-px patches is one LM token
+
+    def __post_init__(self):
+        if self.mrope_section is None:
+            self.mrope_section = default_mrope_section(self.head_dim)
+        self.mrope_section = [int(s) for s in self.mrope_section]
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must be 3 numbers adding up to head_dim/2 = "
+                             f"{self.head_dim // 2}")
+
+    def placeholder_id(self, modality: str) -> int:
+        """The token a modality's tower outputs replace: 'audio', 'image' or 'video'."""
+        ids = {"audio": self.audio_token_id, "image": self.image_token_id, "video": self.video_token_id}
+        if modality not in ids:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {sorted(ids)}")
+        return ids[modality]
 
     def is_moe_layer(self, i: int) -> bool:
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
@@ -55,10 +90,12 @@ class ThinkerConfig:
     def from_dict(cls, cfg: dict, source: str = "config") -> "ThinkerConfig":
         """Accepts the full Qwen3-Omni config, a thinker-only config or a bare text config."""
         model_type = cfg.get("model_type", "")
+        thinker = {}
         if "thinker_config" in cfg:
             cfg = cfg["thinker_config"]
             model_type = cfg.get("model_type", "qwen3_omni_moe_thinker")
         if "text_config" in cfg:
+            thinker = cfg
             cfg = cfg["text_config"]
             model_type = cfg.get("model_type", "qwen3_omni_moe_text")
         if model_type not in ("qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_text"):
@@ -67,6 +104,8 @@ class ThinkerConfig:
                 "(expected qwen3_omni_moe, qwen3_omni_moe_thinker or qwen3_omni_moe_text)"
             )
         # rope: transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
+        # The multimodal ids sit one level up, in the thinker config (`thinker` below; {} for a bare
+        # text config, which keeps the released defaults).
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
@@ -77,6 +116,12 @@ class ThinkerConfig:
         if kwargs.get("head_dim") is None:
             kwargs["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
         kwargs["mlp_only_layers"] = list(kwargs.get("mlp_only_layers") or [])
+        if rope.get("mrope_section") is not None:
+            kwargs["mrope_section"] = list(rope["mrope_section"])
+        kwargs.update({k: thinker[k] for k in MEDIA_CONFIG_KEYS if thinker.get(k) is not None})
+        merge = (thinker.get("vision_config") or {}).get("spatial_merge_size")
+        if merge is not None:
+            kwargs["spatial_merge_size"] = merge
         if cfg.get("attention_bias"):
             raise ValueError(f"{source}: attention_bias=true is not supported")
         return cls(**kwargs)
@@ -92,16 +137,35 @@ class ThinkerConfig:
     def to_hf_text_config(self) -> dict:
         """The `text_config` block of the released config.json."""
         d = asdict(self)
-        d.pop("rope_theta")
-        half = self.head_dim // 2  # MRoPE sections add up to head_dim / 2; released: [24, 20, 20]
-        sections = [half - 2 * (half * 5 // 16), half * 5 // 16, half * 5 // 16]
+        for k in ("rope_theta", "mrope_section", "spatial_merge_size", *MEDIA_CONFIG_KEYS):
+            d.pop(k)
         d.update(
             model_type="qwen3_omni_moe_text", hidden_act="silu", attention_bias=False, attention_dropout=0.0,
             shared_expert_intermediate_size=0, sliding_window=None, use_sliding_window=False,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, "mrope_section": sections,
-                             "interleaved": True, "mrope_interleaved": True},
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta,
+                             "mrope_section": list(self.mrope_section), "interleaved": True,
+                             "mrope_interleaved": True},
         )
         return d
+
+    def to_hf_thinker_ids(self) -> dict:
+        """The multimodal ids and timing, as written at the thinker_config level of config.json."""
+        return {k: getattr(self, k) for k in MEDIA_CONFIG_KEYS}
+
+
+# thinker_config keys read into ThinkerConfig (besides text_config and vision_config.spatial_merge_size)
+MEDIA_CONFIG_KEYS = ("audio_token_id", "image_token_id", "video_token_id", "audio_start_token_id",
+                     "audio_end_token_id", "vision_start_token_id", "vision_end_token_id", "position_id_per_seconds")
+
+
+def default_mrope_section(head_dim: int) -> list[int]:
+    """How many of the head_dim/2 rotary frequencies follow the time, height and width axes when a
+    config does not say: height and width get 5/16 of them each (rounded down), time the rest.
+    head_dim 128 -> [24, 20, 20] (the released split); the tiny test models' 16 -> [4, 2, 2].
+    Any split adding up to head_dim/2 is valid; this only fixes one for configs we write."""
+    half = head_dim // 2
+    hw = half * 5 // 16
+    return [half - 2 * hw, hw, hw]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +190,29 @@ def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def mrope_cos_sin(positions, head_dim: int, theta: float, sections, dtype):
+    """Interleaved MRoPE. positions [3, B, T] (time, height, width; float or int) -> cos, sin
+    [B, T, head_dim], computed in fp32, cast to the activation dtype.
+
+    Frequency slot j (of head_dim/2) takes its angle from one axis, interleaved T, H, W, T, H, W, ...:
+    H on j % 3 == 1 and W on j % 3 == 2 for j < 3*sections[1] (resp. 3*sections[2]), T on all the
+    others. Released [24, 20, 20] over 64 slots: H on 1, 4, ..., 58; W on 2, 5, ..., 59; T on
+    0, 3, ..., 57 and 60..63. The slots are then doubled (cat) for the rotate-half layout, like 1-D RoPE.
+    Same operation order as transformers (cos/sin per axis, then pick), so the values are bit-identical.
+    With equal axes every slot gets the same angle as 1-D RoPE: text is unchanged.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # [3, B, T, D/2]
+
+    def pick(f):  # [3, B, T, D/2] -> [B, T, D]
+        out = f[0].clone()  # time everywhere, then height and width overwrite their slots
+        out[..., 1:3 * sections[1]:3] = f[1, ..., 1:3 * sections[1]:3]
+        out[..., 2:3 * sections[2]:3] = f[2, ..., 2:3 * sections[2]:3]
+        return torch.cat((out, out), dim=-1)
+
+    return pick(freqs.cos()).to(dtype), pick(freqs.sin()).to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -272,6 +359,231 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Multimodal positions (MRoPE indices)
+#
+# A prompt with media, e.g. "text <|vision_start|> image_pad x N <|vision_end|> <|audio_start|>
+# audio_pad x M <|audio_end|> text", gets one (time, height, width) position per token. Walking the
+# real (non-pad) tokens of a row with a cursor `cur` (the next free position):
+#   text-like token (text and the start/end markers):   (cur, cur, cur); cur += 1
+#   image, grid (1, gh, gw) patches -> (gh/2) x (gw/2) tokens in row-major order:
+#       (cur, cur + h, cur + w);                         cur = max over the block + 1
+#   video, grid (gt, gh, gw), `spg` seconds per 2-frame slice -> t, then h, then w:
+#       (cur + t*spg*13, cur + h, cur + w);              cur = max over the block + 1
+#   audio, n tokens (13 per second of sound):   (cur + k, cur + k, cur + k); cur += n
+# so audio and video share one clock (13 ticks per second) and text after a block continues past it.
+# The time step t*spg*13 is float32 and not rounded: positions are float32, as in transformers 5.24.
+#
+# Audio in video (use_audio_in_video): "<|vision_start|><|audio_start|> V..A..V..A.. <|audio_end|>
+# <|vision_end|>", the two start markers at cur, cur+1, then video and audio tokens interleaved by
+# time (the processor emits a video token while its time <= the next audio token's), each keeping
+# its own positions from base cur+2; the two end markers continue from the max of the block's LAST
+# same-modality run + 1 (transformers' rule: usually the block max, lower when a wide video outlasts
+# its audio in position).
+#
+# rope_delta (per row) = max position + 1 - number of real tokens. Generated tokens continue after
+# the prompt's last position on all three axes (see `generate`; as transformers' generate), which is
+# cumsum(mask) - 1 + rope_delta when the prompt ends in text after its largest position (not after
+# such a "lower" audio-in-video end: there rope_delta would jump ahead, transformers' generate does not).
+
+
+def rope_index(input_ids, attention_mask, cfg: ThinkerConfig, *, image_grid_thw=None, video_grid_thw=None,
+               video_second_per_grid=None, audio_token_counts=None, use_audio_in_video: bool = False):
+    """3-D MRoPE positions of prompts with media (transformers' `get_rope_index`, as a pure function).
+
+    input_ids, attention_mask [B, S] (any padding side; None = no padding).
+    image_grid_thw [n_img, 3], video_grid_thw [n_vid, 3]: patch grids (t, h, w) in prompt order over the
+        whole batch (row 0's media first); video_second_per_grid [n_vid]: seconds per temporal grid step
+        (temporal_patch_size / fps; 2.0 with the processor's default fps).
+    audio_token_counts [n_audio] (optional): tokens per audio clip, checked against the placeholder runs
+        (transformers takes frame counts instead; 13 tokens per 100 frames, REFERENCE-omni 2.2). Audio
+        blocks are read from the ids, so the counts are not needed to place them.
+    use_audio_in_video: the videos are audio-in-video blocks; must match the ids.
+    Returns positions float32 [3, B, S] (pads 0) and rope_deltas float32 [B, 1].
+
+    Without image and video grids (text or audio only) every axis is cumsum(mask) - 1, pads 1, as in
+    transformers' 1-D branch. Placeholder runs that do not fit their grid raise ValueError.
+    """
+    B, S = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    real = attention_mask == 1
+    if image_grid_thw is None and video_grid_thw is None:
+        for name in ("image", "video"):
+            n = int((input_ids[real] == cfg.placeholder_id(name)).sum())
+            if n:
+                raise ValueError(f"{name}: the prompts hold {n} placeholder tokens but no {name}_grid_thw was given")
+        if audio_token_counts is not None:
+            n = int((input_ids[real] == cfg.audio_token_id).sum())
+            want = int(torch.as_tensor(audio_token_counts).sum())
+            if n != want:
+                raise ValueError(f"audio: the prompts hold {n} placeholder tokens but audio_token_counts add up to "
+                                 f"{want}")
+        pos = attention_mask.float().cumsum(-1) - 1
+        pos = pos.masked_fill(attention_mask == 0, 1)
+        deltas = pos.max(-1, keepdim=True)[0] + 1 - attention_mask.sum(-1, keepdim=True)
+        return pos[None].expand(3, -1, -1), deltas
+    media = _MediaQueue(cfg, image_grid_thw, video_grid_thw, video_second_per_grid, audio_token_counts,
+                        use_audio_in_video)
+    positions = torch.zeros(3, B, S, dtype=torch.float32, device=device)
+    deltas = []
+    for b in range(B):
+        ids = input_ids[b][real[b]].tolist()
+        row = _row_positions(ids, cfg, media)  # [3, n] float32
+        positions[:, b, real[b]] = row.to(device)
+        deltas.append(row.max() + 1 - len(ids) if len(ids) else torch.tensor(0.0))
+    media.check_all_used()
+    return positions, torch.stack(deltas).view(B, 1).to(device)
+
+
+class _MediaQueue:
+    """The grids / lengths of the batch's media, consumed in prompt order by `_row_positions`."""
+
+    def __init__(self, cfg, image_grid_thw, video_grid_thw, video_second_per_grid, audio_token_counts,
+                 use_audio_in_video):
+        as_rows = lambda g: [] if g is None else [tuple(int(v) for v in r) for r in torch.as_tensor(g).view(-1, 3)]
+        self.grids = {"image": as_rows(image_grid_thw), "video": as_rows(video_grid_thw)}
+        self.spg = None if video_second_per_grid is None else \
+            torch.as_tensor(video_second_per_grid).detach().cpu().float().view(-1)
+        if self.grids["video"] and (self.spg is None or len(self.spg) < len(self.grids["video"])):
+            raise ValueError(f"video: {len(self.grids['video'])} videos need video_second_per_grid for each, got "
+                             f"{None if self.spg is None else len(self.spg)}")
+        self.audio = None if audio_token_counts is None else \
+            [int(n) for n in torch.as_tensor(audio_token_counts).view(-1)]
+        self.used = {"image": 0, "video": 0, "audio": 0}
+        self.use_audio_in_video = use_audio_in_video
+        self.merge, self.pps = cfg.spatial_merge_size, cfg.position_id_per_seconds
+
+    def next_grid(self, kind, n_tokens):
+        """The next image/video grid; checks that the placeholder run has prod(grid)/merge^2 tokens."""
+        i = self.used[kind]
+        if i >= len(self.grids[kind]):
+            raise ValueError(f"{kind}: the prompts hold more {kind} blocks than the {len(self.grids[kind])} rows "
+                             f"of {kind}_grid_thw")
+        self.used[kind] += 1
+        t, h, w = self.grids[kind][i]
+        need = t * h * w // self.merge ** 2
+        if n_tokens != need:
+            raise ValueError(f"{kind} {i}: grid {t}x{h}x{w} needs {need} placeholder tokens, the prompt holds "
+                             f"{n_tokens}")
+        return i, (t, h, w)
+
+    def next_audio(self, n_tokens):
+        i = self.used["audio"]
+        self.used["audio"] += 1
+        if self.audio is not None:
+            if i >= len(self.audio):
+                raise ValueError(f"audio: the prompts hold more audio blocks than the {len(self.audio)} "
+                                 "audio_token_counts")
+            if self.audio[i] != n_tokens:
+                raise ValueError(f"audio {i}: {self.audio[i]} tokens expected, the prompt holds {n_tokens} "
+                                 "placeholder tokens")
+
+    def check_all_used(self):
+        for kind, grids in self.grids.items():
+            if self.used[kind] != len(grids):
+                raise ValueError(f"{kind}: {len(grids)} {kind}_grid_thw rows but {self.used[kind]} {kind} blocks "
+                                 "in the prompts")
+        if self.audio is not None and self.used["audio"] != len(self.audio):
+            raise ValueError(f"audio: {len(self.audio)} audio_token_counts but {self.used['audio']} audio blocks "
+                             "in the prompts")
+
+    def vision_positions(self, kind, i, grid, base):
+        """Positions [3, t*h*w/merge^2] of one image/video, tokens in (t, h, w) order, from `base`.
+        Same float32 operations as transformers (time steps t*spg*13 for video, t*1*13 for images)."""
+        t, h, w = grid
+        h, w = h // self.merge, w // self.merge
+        if kind == "video":
+            t_step = torch.arange(t) * self.spg[i] * self.pps
+        else:
+            t_step = (torch.arange(t) * 1 * self.pps).float()
+        tt = t_step.view(-1, 1).expand(-1, h * w).flatten()
+        hh = torch.arange(h).view(1, -1, 1).expand(t, -1, w).flatten().float()
+        ww = torch.arange(w).view(1, 1, -1).expand(t, h, -1).flatten().float()
+        return torch.stack([tt, hh, ww]) + base
+
+
+def _run_length(ids, start, token_ids) -> int:
+    """How many consecutive tokens from `start` are in `token_ids`."""
+    end = start
+    while end < len(ids) and ids[end] in token_ids:
+        end += 1
+    return end - start
+
+
+def _row_positions(ids: list[int], cfg: ThinkerConfig, media: _MediaQueue):
+    """The streaming rule above for one row's real tokens -> float32 [3, len(ids)].
+
+    Built from runs exactly as transformers builds them (text run, start marker(s), block, end
+    marker(s)), with the cursor a float32 scalar, so fractional video times round identically."""
+    vs, as_ = cfg.vision_start_token_id, cfg.audio_start_token_id
+    img, vid, aud = cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id
+    pieces = []  # [3, k] position runs in token order
+
+    def run(n, start):  # n text-like tokens from `start`: [3, n]
+        return torch.arange(n, dtype=torch.float32).expand(3, n) + start
+
+    def after_last():  # the cursor after the last run: its max + 1
+        return pieces[-1].max() + 1 if pieces else torch.tensor(0.0)
+
+    n, i = len(ids), 0  # i: first token not placed yet
+    starts = [j for j, t in enumerate(ids) if (t == vs or t == as_) and j + 1 < n]
+    for j in starts:
+        if j < i:
+            continue  # an <|audio_start|> inside an audio-in-video block
+        nxt = ids[j + 1]
+        if ids[j] == vs and nxt in (img, vid):
+            kind, bos = ("image" if nxt == img else "video"), 1
+        elif ids[j] == vs and nxt == as_ and j + 2 < n and ids[j + 2] in (aud, vid):
+            kind, bos = "audio_in_video", 2
+        elif ids[j] == as_ and nxt == aud:
+            kind, bos = "audio", 1
+        else:
+            continue  # a lone marker: plain text
+        if kind in ("video", "audio_in_video") and (kind == "audio_in_video") != media.use_audio_in_video:
+            raise ValueError(f"video: found a {'plain video' if kind == 'video' else 'audio-in-video'} block with "
+                             f"use_audio_in_video={media.use_audio_in_video}")
+        cur = after_last()
+        if j > i:  # text before the block
+            pieces.append(run(j - i, cur))
+            cur = cur + (j - i)
+        pieces.append(run(bos, cur))  # <|vision_start|> / <|audio_start|> (both, for audio in video)
+        cur = cur + bos
+        k = j + bos  # first placeholder
+        if kind == "audio":
+            m = _run_length(ids, k, (aud,))
+            media.next_audio(m)
+            block = run(m, cur)
+            last = block
+        elif kind in ("image", "video"):
+            m = _run_length(ids, k, (img if kind == "image" else vid,))
+            idx, grid = media.next_grid(kind, m)
+            block = media.vision_positions(kind, idx, grid, cur)
+            last = block
+        else:  # audio in video: video and audio tokens interleaved, each on its own positions
+            m = _run_length(ids, k, (aud, vid))
+            is_video = torch.tensor([t == vid for t in ids[k:k + m]])
+            idx, grid = media.next_grid("video", int(is_video.sum()))
+            media.next_audio(m - int(is_video.sum()))
+            block = torch.empty(3, m)
+            block[:, is_video] = media.vision_positions("video", idx, grid, cur)
+            block[:, ~is_video] = run(m - int(is_video.sum()), cur)
+            # the end markers follow the block's last same-modality run (transformers appends the
+            # leftover of whichever modality outlasts the other as one piece and continues from it)
+            other = (is_video != is_video[-1]).nonzero()
+            last = block[:, int(other[-1]) + 1:] if len(other) else block
+        pieces.append(block)
+        eos = bos
+        if k + m + eos > n:
+            raise ValueError(f"{kind.split('_')[0]}: a block at token {j} is not closed by its end marker(s)")
+        pieces.append(run(eos, last.max() + 1))  # <|vision_end|> / <|audio_end|>
+        i = k + m + eos
+    if i < n:
+        pieces.append(run(n - i, after_last()))
+    return torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0)
+
+
+# ----------------------------------------------------------------------------------------------
 # The thinker
 
 
@@ -304,6 +616,24 @@ class LMHead(nn.Linear):
         return super().forward(x)
 
 
+@dataclass
+class MediaEmbeds:
+    """One modality's tower outputs for a whole batch, to be written over its placeholder tokens.
+
+    modality: "audio" (AudioEncoder output), "image" or "video" (VisionEncoder output); selects the
+        placeholder id (cfg.audio_token_id / image_token_id / video_token_id).
+    embeds [n, H]: one row per placeholder token, in the order the placeholders appear in the batch
+        (row 0 first, then by position), i.e. the tower outputs of the batch's media concatenated in
+        prompt order, as the processor orders them.
+    deepstack: vision only, [n, H] per deepstack level k (released: 3, from vision blocks 8, 16, 24),
+        added to the output of decoder layer k at these tokens. Empty for audio.
+    """
+
+    modality: str
+    embeds: torch.Tensor
+    deepstack: list[torch.Tensor] = field(default_factory=list)
+
+
 class Thinker(nn.Module):
     def __init__(self, cfg: ThinkerConfig):
         super().__init__()
@@ -314,24 +644,96 @@ class Thinker(nn.Module):
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, return_hidden: bool = False):
+    def embed(self, input_ids, media=None):
+        """input_ids [B, T] -> (inputs_embeds [B, T, H], deepstack).
+
+        `media`: MediaEmbeds, at most one per modality (the towers' outputs; this is where the tower
+        calls plug in). Each one's rows replace its placeholder tokens' embeddings, in order
+        (transformers' masked_scatter). deepstack is None, or (visual_mask [B, T] bool, features:
+        list of [n_visual, H]) with the image and video deepstack rows of each level merged in
+        token order (the visual tokens are image AND video placeholders, never audio).
+        """
+        x = self.embed_tokens(input_ids)  # [B, T, H]; placeholders are embedded too, then overwritten
+        if not media:
+            return x, None
+        masks, levels = {}, {}
+        for m in media:
+            if m.modality in masks:
+                raise ValueError(f"{m.modality}: more than one MediaEmbeds; concatenate them in prompt order")
+            token = self.cfg.placeholder_id(m.modality)
+            mask = input_ids == token  # [B, T]
+            n = int(mask.sum())
+            if m.embeds.dim() != 2 or m.embeds.shape[0] != n or m.embeds.shape[1] != x.shape[-1]:
+                raise ValueError(f"{m.modality}: {n} placeholder tokens (id {token}) in input_ids but embeds of "
+                                 f"shape {tuple(m.embeds.shape)}, expected ({n}, {x.shape[-1]})")
+            x = x.masked_scatter(mask[..., None], m.embeds.to(x.dtype))
+            masks[m.modality] = mask
+            if m.deepstack:
+                if m.modality == "audio":
+                    raise ValueError("audio: deepstack features are vision-only (image and video)")
+                for k, f in enumerate(m.deepstack):
+                    if tuple(f.shape) != tuple(m.embeds.shape):
+                        raise ValueError(f"{m.modality}: deepstack level {k} has shape {tuple(f.shape)}, "
+                                         f"expected {tuple(m.embeds.shape)}")
+                levels[m.modality] = list(m.deepstack)
+        if not levels:
+            return x, None
+        if len({len(v) for v in levels.values()}) > 1:
+            raise ValueError(f"deepstack: different numbers of levels per modality "
+                             f"{ {k: len(v) for k, v in levels.items()} }")
+        if len(levels) == 1:
+            kind, feats = next(iter(levels.items()))
+            return x, (masks[kind], feats)
+        visual = torch.zeros_like(next(iter(masks.values())))
+        for kind in levels:
+            visual |= masks[kind]
+        joint = []  # per level: every visual token's row, in token order (transformers' embed_joint)
+        for k in range(len(next(iter(levels.values())))):
+            f = x.new_zeros(int(visual.sum()), x.shape[-1], dtype=levels["image"][k].dtype)
+            for kind, feats in levels.items():
+                f[masks[kind][visual]] = feats[k]
+            joint.append(f)
+        return x, (visual, joint)
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, return_hidden: bool = False,
+                media=None, position_ids=None):
         """input_ids [B, T] (the new tokens when decoding with `cache`); attention_mask [B, S]
         covers cached + new tokens. Returns logits [B, T, V], or the final normed hidden
-        states [B, T, H] with `return_hidden` (the trainer projects only the positions it scores)."""
+        states [B, T, H] with `return_hidden` (the trainer projects only the positions it scores).
+
+        Media prompts: `media` is a list of MediaEmbeds (tower outputs for the placeholder tokens,
+        see `embed`) and `position_ids` [3, B, T] the MRoPE positions of the new tokens (from
+        `rope_index`; float or int). Without position_ids, positions are 1-D from the mask: right for
+        text and audio-only prompts, so image/video media require them. position_ids [B, T] is
+        accepted too (1-D RoPE at those positions)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        x = self.embed_tokens(input_ids)  # [B, T, H]
+        x, deepstack = self.embed(input_ids, media)  # [B, T, H]
         positions, mask = positions_and_mask(attention_mask, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        for layer in self.layers:
+        if position_ids is None:
+            if any(m.modality in ("image", "video") for m in media or ()):
+                raise ValueError("image/video media need 3-D position_ids [3, B, T] (see rope_index)")
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        elif position_ids.shape == (B, T):
+            cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        elif position_ids.shape == (3, B, T):
+            cos, sin = mrope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section,
+                                     x.dtype)
+        else:
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(3, B, T)}")
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
+            if deepstack is not None and i < len(deepstack[1]):
+                # DeepStack: the vision tower's intermediate features join the first layers' outputs
+                visual, feats = deepstack
+                x = x.index_put((visual,), x[visual] + feats[i].to(x.dtype))
         if cache is not None:
             cache.length += T
         x = self.norm(x)
@@ -585,7 +987,8 @@ def save_released(cfg: ThinkerConfig, named, path: str, dtype=torch.bfloat16, ma
     config = config or {
         "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "model_type": "qwen3_omni_moe",
         "enable_audio_output": False,
-        "thinker_config": {"model_type": "qwen3_omni_moe_thinker", "text_config": cfg.to_hf_text_config()},
+        "thinker_config": {"model_type": "qwen3_omni_moe_thinker", **cfg.to_hf_thinker_ids(),
+                           "text_config": cfg.to_hf_text_config()},
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     with open(os.path.join(path, "config.json"), "w") as f:
@@ -611,8 +1014,15 @@ def greedy(logits):
 
 @torch.no_grad()
 def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_ids, pad_id: int,
-             pick_next=greedy, all_done=None):
+             pick_next=greedy, all_done=None, media=None, position_ids=None):
     """KV-cache decoding from left-padded prompts [B, P].
+
+    Media prompts: `media` (MediaEmbeds list) and `position_ids` [3, B, P] (rope_index) go to the
+    prefill; each generated token then takes the previous position + 1 on all three axes (the
+    prompt's last position + 1 + i for the i-th, as transformers' generate does). That is
+    cumsum(mask) - 1 + rope_delta whenever the prompt's last token holds the row's largest
+    position, i.e. prompts ending in text, except after the audio-in-video case noted at rope_index.
+    Text and audio-only prompts without position_ids: the unchanged 1-D path.
 
     `pick_next(logits [B, V]) -> ids [B]` chooses each token (greedy by default). A row stops at
     its first eos. `all_done(local_done: bool) -> bool` lets data-parallel ranks agree on when to
@@ -627,10 +1037,12 @@ def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_i
     eos = torch.tensor(list(eos_ids), device=prompt_ids.device)
     mask = prompt_mask
 
-    def next_logits(ids):  # only the last position needs logits: [B, V], not [B, T, V]
-        return model.lm_head(model(ids, mask, cache, return_hidden=True)[:, -1])
+    def next_logits(ids, **media_kw):  # only the last position needs logits: [B, V], not [B, T, V]
+        return model.lm_head(model(ids, mask, cache, return_hidden=True, **media_kw)[:, -1])
 
-    logits = next_logits(prompt_ids)
+    prefill = {k: v for k, v in (("media", media), ("position_ids", position_ids)) if v is not None}
+    logits = next_logits(prompt_ids, **prefill)
+    step_pos = None if position_ids is None else position_ids[..., -1:]  # [3, B, 1] (or [B, 1])
     finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
     for _ in range(max_new_tokens):
@@ -642,5 +1054,9 @@ def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_i
         if (all_done(done) if all_done is not None else done) or len(tokens) == max_new_tokens:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = next_logits(tokens[-1][:, None])
+        if step_pos is None:
+            logits = next_logits(tokens[-1][:, None])
+        else:
+            step_pos = step_pos + 1
+            logits = next_logits(tokens[-1][:, None], position_ids=step_pos)
     return torch.stack(tokens, 1), torch.stack(alive, 1).long()
