@@ -8,13 +8,12 @@ distributions on the completion tokens.
 
 The file reads top to bottom:
   1. config / flags      parse_args(argv) -> Config, accepting the ms-swift `swift rlhf` flags
-  2. loss                generalized_jsd, chunked_generalized_jsd, sft_loss_sum
-  3. sampling filters    filter_logits, sample_next
-  4. sampling loop       sample_completions (KV-cache decoding, ranks step in lockstep)
-  5. DeepSpeed setup     deepspeed_config, init_distributed, build_student (loads into ZeRO-3 partitions)
-  6. training pieces     lr_at, is_on_policy, micro_batches, gkd_loss_sums, evaluate
-  7. checkpoints         save_checkpoint / load_checkpoint (atomic, safetensors + JSON)
-  8. the loop            train, main
+  2. sampling loop       sample_completions (KV-cache decoding, ranks step in lockstep)
+  3. DeepSpeed setup     deepspeed_config, init_distributed, build_student (loads into ZeRO-3 partitions)
+  4. the training step   step_branch, micro_batches, gkd_loss_sums, train_step, evaluate
+  5. checkpoints         save_checkpoint / load_checkpoint (atomic, safetensors + JSON)
+  6. the loop            train, main
+The loss is in loss.py (a readable spec and the fast kernels), decoding in model_qwen3omni.py.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from data import (Batch, DataError, collate, encode_examples, join_prompt_comple
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import adapter_tensors, inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter
 from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_weights,
-                             resolve_dtype, write_random_checkpoint)
+                             resolve_dtype, sample_next, write_random_checkpoint)
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config / flags
@@ -401,54 +400,7 @@ def parse_args(argv: list[str]) -> Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Sampling filters
-# ----------------------------------------------------------------------------------------------
-
-
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Set logits outside the top-k, then outside the top-p nucleus, to -inf. [B, V] -> [B, V]
-
-    Same semantics as transformers' TopKLogitsWarper then TopPLogitsWarper with
-    min_tokens_to_keep=1 (ties with the k-th logit are kept; the nucleus is the smallest set
-    whose mass reaches top_p).
-    """
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]  # [B, 1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)  # [B, V] ascending
-        mass_below = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-        drop = mass_below <= 1 - top_p  # the tail holding at most 1 - top_p of the mass
-        drop[..., -1] = False  # always keep the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def sample_next(logits, temperature, top_k=0, top_p=1.0, generator=None):
-    """Next token ids [B] from logits [B, V].
-
-    temperature 0 or None: greedy argmax. Otherwise divide by the temperature (in fp32),
-    filter (top-k, then top-p) and draw by inverting the CDF with one uniform per row from
-    `generator` (torch.multinomial draws one random number per vocabulary entry: 152064 per
-    row per decode step).
-    """
-    if not temperature:
-        return logits.argmax(dim=-1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)  # [B, V]
-    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [B, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # [B, 1]
-    ids = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first index whose cdf exceeds u
-    return ids.clamp(max=cdf.shape[-1] - 1)  # [B]
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Sampling loop
+# 2. Sampling loop
 # ----------------------------------------------------------------------------------------------
 
 
@@ -511,7 +463,7 @@ def gathered_for_generation(engine, enabled: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. DeepSpeed setup
+# 3. DeepSpeed setup
 # ----------------------------------------------------------------------------------------------
 
 
@@ -619,7 +571,7 @@ def build_student(cfg: Config, ds: dict, dtype, device, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Training
+# 4. The training step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -783,7 +735,7 @@ def to_device(batch: Batch, device) -> Batch:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Checkpoints: written to a temporary directory and renamed, so a crash never leaves a
+# 5. Checkpoints: written to a temporary directory and renamed, so a crash never leaves a
 #    half-written checkpoint that resume would pick. `trainer_state.json` is written last.
 # ----------------------------------------------------------------------------------------------
 
@@ -953,7 +905,7 @@ def load_checkpoint(engine, path: str, log) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The loop
+# 6. The loop
 # ----------------------------------------------------------------------------------------------
 
 

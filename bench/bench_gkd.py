@@ -236,7 +236,7 @@ class Engine:
 def selfkd_generate(a, cfg, model, data, generator):
     """selfkd.sample_completions without the Config/tokenizer plumbing: eval mode, generate, sample_next."""
     from model_qwen3omni import generate
-    from selfkd import sample_next
+    from model_qwen3omni import sample_next
 
     was = model.training
     model.eval()
