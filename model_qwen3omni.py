@@ -632,6 +632,33 @@ class MediaEmbeds:
     deepstack: list[torch.Tensor] = field(default_factory=list)
 
 
+@dataclass
+class MediaInputs:
+    """A batch's preprocessed media (media.py), before the towers: what the data layer hands the
+    model. Each modality's items are concatenated in prompt order (batch row 0 first, then by
+    position), the order their placeholder runs appear in input_ids.
+
+    pixel_values [P_img, C*T*16*16] and image_grid_thw [n_img, 3]: all images' patches.
+    pixel_values_videos [P_vid, C*T*16*16], video_grid_thw [n_vid, 3], video_second_per_grid [n_vid].
+    input_features [128, sum(frames)] (all clips along time) and audio_feature_lens [n_audio] frames.
+    use_audio_in_video: the videos' audio tracks are interleaved with their frames (one flag per
+        batch, as transformers takes it).
+    """
+
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
+    video_second_per_grid: torch.Tensor | None = None
+    input_features: torch.Tensor | None = None
+    audio_feature_lens: torch.Tensor | None = None
+    use_audio_in_video: bool = False
+
+    def to(self, device) -> "MediaInputs":
+        return MediaInputs(**{f.name: (v.to(device) if torch.is_tensor(v) else v)
+                              for f in fields(self) for v in [getattr(self, f.name)]})
+
+
 class Thinker(nn.Module):
     def __init__(self, cfg: ThinkerConfig):
         super().__init__()
