@@ -11,7 +11,7 @@
    peak RSS.
 Reported: both peaks (resource.getrusage(RUSAGE_SELF).ru_maxrss, and VmHWM from /proc/self/status,
 which belongs to the child's own address space only), the tensor bytes (the index's total_size)
-and (peak - baseline) / tensor bytes; the goal is <= 1.3.
+and (peak - baseline) / tensor bytes, which should stay <= 1.3.
 
 This process never imports torch, so it stays small: on Linux a child's ru_maxrss starts from the
 high-water mark of the address space it exec'ed from, so a big parent would inflate it.
@@ -201,7 +201,7 @@ def main():
                   f"{ratio:.3f} (VmHWM: {ratio_h:.3f}) | {r['seconds']:.1f} |")
         ratio = (res["load"]["peak"]["ru_maxrss"] - base["ru_maxrss"]) / total
         print(f"\nselfkd load_thinker: (peak - baseline) / tensor bytes = {ratio:.3f} "
-              f"({'meets' if ratio <= 1.3 else 'MISSES'} the goal <= 1.3)")
+              f"({'within' if ratio <= 1.3 else 'ABOVE'} 1.3)")
         print("\ncommand: " + shlex.join([os.path.relpath(sys.executable)] + sys.argv))
     finally:
         if not args.keep and wrote:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark: selfkd vs the Hugging Face stack (transformers + peft + TRL) on ONE H100/H200, bf16,
-# the real Qwen3-Omni width with a few layers. Prepared for the lent device machine; sized to finish in
-# under 8 minutes (budget: ~1 min checkpoint build, ~1 min loading, ~3 min timing).
+# the real Qwen3-Omni width with a few layers. Sized to finish in under 8 minutes (~1 min checkpoint
+# build, ~1 min loading, ~3 min timing).
 #
 #   bash bench/gpu.sh                 # writes $OUT/bench_gkd_gpu.{txt,json} ($OUT defaults to bench/out)
 #   LAYERS=2 PROMPT=128 COMPLETION=128 bash bench/gpu.sh   # smaller, if time is short
@@ -17,14 +17,14 @@
 #   moe      one MoE block at real width: selfkd SparseMoE vs transformers' default experts backend
 #            (grouped_mm) and eager, frozen weights, fwd and fwd+bwd
 #
-# Packages. The device image has torch, transformers (5.17 when last read), peft, accelerate, but no
-# trl/datasets and may have other versions than the CPU venv (transformers 5.24, peft 0.21.2, trl 1.16.0).
-# To pin the versions, download the wheels HERE once (the repository root; .whl must be git-ignored):
+# Packages. A GPU machine may lack trl/datasets or have other versions than the CPU venv (transformers
+# 5.24, peft 0.21.2, trl 1.16.0). To pin the versions, download the wheels once on a machine with network
+# access into the repository root (.whl must be git-ignored):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl transformers==5.24.0 peft==0.21.2 trl==1.16.0 datasets dill multiprocess
-# and call the device with carry [".whl"]: this script installs them into /tmp/site first.
+# and copy .whl along with the checkout: this script installs them into /tmp/site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
