@@ -4,16 +4,40 @@ Read top to bottom; each section builds on the one before:
 
 1. Tokenizer    -- a Qwen2Tokenizer built from `tokenizers` alone (no transformers at runtime).
 2. Chat format  -- Qwen3-Omni text-only ChatML, and a tiny trainable tokenizer for tests.
-3. Datasets     -- alpaca / OpenAI `messages` / ShareGPT rows -> student and teacher prompts.
-4. Encoding     -- token ids plus the truncation rule.
-5. Batches      -- padding, and where each completion starts.
+3. Datasets     -- alpaca / OpenAI `messages` / ShareGPT rows, with images, audio and video,
+                   -> student and teacher prompts; the media preprocessed once (media.py).
+4. Encoding     -- token ids with the media placeholders expanded, plus the truncation rule.
+5. Batches      -- padding, where each completion starts, and the batch's media for the model.
+6. Inspect      -- `python data.py inspect DATASET`: what every row becomes, before any training.
 
 Rules this module chooses (the README repeats them):
 
 * Special-token strings in text: we do what transformers' Qwen2Tokenizer does, because the
   goal is to see exactly the token ids the model was trained with. A literal "<|im_end|>"
   inside a user message therefore becomes the control token, i.e. a row can inject
-  ChatML structure. Clean the data if that matters; we do not escape it.
+  ChatML structure. Clean the data if that matters; we do not escape it. The exception are
+  the placeholders <|image_pad|>, <|video_pad|>, <|audio_pad|>: the model replaces each one
+  with a piece of a media item, so a row whose text holds one is refused ("bad_media").
+* Media in rows: ms-swift's form -- top-level `images` / `audios` / `videos` lists and
+  <image> / <audio> / <video> tags in the text, the k-th tag of a kind taking the k-th entry
+  of its list -- or transformers' content lists: a turn's content is a list of
+  {"type": "text", "text": ...}, {"type": "image", "image": path}, {"type": "audio",
+  "audio": path}, {"type": "video", "video": path or [frame image paths]}. Both work in
+  alpaca, messages and ShareGPT rows (alpaca: tags only). Paths are relative to the dataset
+  file. Tags are read only in rows that have at least one of the three lists (so a text row
+  is taken verbatim), and there must be exactly one tag per list entry: ms-swift would
+  prepend missing tags to the first turn; we ask for them where the media belong. Media go
+  in user turns; the completion is text. Row field `use_audio_in_video` (default false):
+  each video of the row also brings its sound track, interleaved with its frames.
+  Row fields `caption` and `transcript` (string or list of strings: what the media show /
+  say) are kept on the Example; row field `teacher_messages` (prompt turns, same forms;
+  its tags take the row's list entries in order, and may use fewer) replaces the student's
+  turns as the base of the teacher's prompt.
+* Media are decoded and preprocessed at load, before any model exists, for the drawn rows
+  only (after 'path#N' sampling and the eval split), each file once. A bad file raises
+  DataError "file:line: media path: problem" (with skip_bad_rows the row is dropped and
+  counted as "bad_media"). The tensors stay in memory for the run: ~4.7 MB per 448x448
+  image (float32 patches, each image doubled in time), ~51 KB per second of audio.
 * 'path#N' (ms-swift syntax): N rows are drawn with the seed. N < rows: a random subset
   without replacement. N > rows: like ms-swift, every row is used N // rows times and
   N % rows further rows are drawn without replacement, so any two rows' counts differ by
@@ -33,7 +57,9 @@ Rules this module chooses (the README repeats them):
   max_length - len(completion) tokens: the system prompt and the oldest turns go first,
   as in ms-swift's truncation_strategy 'left'. If even the final user turn plus the
   assistant header does not fit, the row is skipped and counted (or, with no stats dict
-  to count it in, it raises): a prompt without its question would teach nothing.
+  to count it in, it raises): a prompt without its question would teach nothing. Media
+  are never cut: a span of placeholders that the cut would split goes whole, and a final
+  user turn whose media do not fit skips the row like any final turn that does not fit.
 """
 
 from __future__ import annotations
@@ -42,7 +68,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +76,9 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
+
+import media
+from model_qwen3omni import MediaInputs
 
 
 class DataError(ValueError):
@@ -327,12 +356,57 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
+MEDIA_KINDS = ("image", "audio", "video")
+
+
+@dataclass(eq=False)  # compared by identity: one object per file, shared by the rows that use it
+class Media:
+    """One preprocessed media item (load_media): what the model's towers will get for it.
+
+    image: pixels [gh*gw, 1536], grid_thw (1, gh, gw).
+    audio: features [128, frames] (log-mel, 100 frames per second).
+    video: pixels [gt*gh*gw, 1536], grid_thw (gt, gh, gw), second_per_grid; with audio in
+        video also features: its sound track, whose tokens interleave with the frames'.
+    """
+
+    kind: str  # "image", "audio" or "video"
+    path: str  # the file (a video given as frames: the first frame's path and the count)
+    pixels: torch.Tensor | None = None
+    grid_thw: tuple[int, int, int] | None = None
+    second_per_grid: float | None = None
+    features: torch.Tensor | None = None
+    seconds: float = 0.0  # playing time of a clip or video, for logs
+
+    @property
+    def n_vision_tokens(self) -> int:
+        """Placeholders of the picture: <|image_pad|> or <|video_pad|> tokens (0 for audio)."""
+        return media.vision_token_count(self.grid_thw) if self.grid_thw else 0
+
+    @property
+    def n_audio_tokens(self) -> int:
+        """Placeholders of the sound: <|audio_pad|> tokens (a clip, or a video's own track)."""
+        return media.audio_token_count(self.features.shape[1]) if self.features is not None else 0
+
+
 @dataclass
 class Example:
     student_messages: list[dict]  # prompt turns: optional system, history, final user turn
     teacher_messages: list[dict]  # the same turns plus the privileged context
     completion: str  # the last assistant turn: the reference answer
     source: str  # "path:line", for errors and logs
+    # A turn's content is a string, or (a turn with media) a list of parts {"type": "text",
+    # "text": ...} / {"type": kind, kind: path} with paths resolved (a video may be a list of
+    # frame paths); `media` maps media_key(part) to the preprocessed item, for both prompts.
+    media: dict = field(default_factory=dict)
+    use_audio_in_video: bool = False  # the row's videos bring their sound tracks
+    caption: str | list[str] | None = None  # what the row's pictures show (privileged text)
+    transcript: str | list[str] | None = None  # what its sounds say (privileged text)
+
+
+def media_key(part: dict) -> tuple:
+    """(kind, path) of a media part; a video given as frames: (kind, tuple of paths)."""
+    value = part[part["type"]]
+    return part["type"], value if isinstance(value, str) else tuple(value)
 
 
 def _type_name(value) -> str:
@@ -474,13 +548,15 @@ def _list_turns(row: dict, key: str, role_key: str, text_key: str, roles: dict, 
         if not isinstance(item, dict):
             raise DataError(f"{source}: field '{field}': expected object, got {_type_name(item)}", "wrong_type")
         role = _string_field(item, role_key, f"{source}: {field}", required=True)
-        text = _string_field(item, text_key, f"{source}: {field}", required=True)
+        content = item.get(text_key)
+        if not isinstance(content, list):  # a content list (text and media parts) is read by _media_turns
+            content = _string_field(item, text_key, f"{source}: {field}", required=True)
         if role not in roles:
             raise DataError(
                 f"{source}: field '{field}.{role_key}': unsupported role {role!r}, expected one of {', '.join(roles)}",
                 "bad_conversation",
             )
-        turns.append({"role": roles[role], "content": text})
+        turns.append({"role": roles[role], "content": content})
     return turns
 
 
@@ -501,7 +577,8 @@ def _check_conversation(turns: list[dict], source: str) -> None:
 def _teacher_messages(
     student: list[dict], system_parts: list[str | None], user_parts: list[str | None]
 ) -> list[dict]:
-    """The student's turns with the privileged context added (rule in the module docstring)."""
+    """The student's turns (or the row's teacher_messages) with the privileged context added
+    (rule in the module docstring). A final turn with media gets the text after its parts."""
     teacher = [dict(message) for message in student]
     has_system = teacher[0]["role"] == "system"
     own_system = teacher[0]["content"] if has_system else None
@@ -510,24 +587,156 @@ def _teacher_messages(
         teacher[0]["content"] = system
     elif system:
         teacher.insert(0, {"role": "system", "content": system})
-    teacher[-1]["content"] = "\n\n".join(part for part in [teacher[-1]["content"], *user_parts] if part)
+    content, extra = teacher[-1]["content"], [part for part in user_parts if part]
+    if isinstance(content, str):
+        teacher[-1]["content"] = "\n\n".join(part for part in [content, *extra] if part)
+    elif extra:
+        teacher[-1]["content"] = _joined(content + [{"type": "text", "text": "\n\n" + "\n\n".join(extra)}])
     return teacher
 
 
+# --- media in rows ---------------------------------------------------------------------------
+
+_MEDIA_TAG = re.compile(r"<(image|audio|video)>")  # ms-swift's tags; the split keeps the kind
+_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|audio_pad|>")
+
+
+def _media_path(value, kind: str, base_dir: str, where: str):
+    """A media reference -> its path joined to the dataset file's folder (absolute paths stay);
+    a video may be a list of frame image paths."""
+    if kind == "video" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [_media_path(v, "image", base_dir, where) for v in value]
+    if not isinstance(value, str) or not value:
+        frames = " or a list of frame image paths" if kind == "video" else ""
+        raise DataError(f"{where}: expected the {kind}'s file path{frames}, got {_type_name(value)}", "wrong_type")
+    if "://" in value:
+        raise DataError(f"{where}: {value}: selfkd reads local files only; download it and give its path "
+                        "(relative to the dataset file, or absolute)", "bad_media")
+    return os.path.normpath(os.path.join(base_dir, value))
+
+
+def _media_lists(row: dict, source: str, base_dir: str) -> dict | None:
+    """The row's ms-swift lists {kind: [path, ...]} (paths resolved), or None if it has none."""
+    if all(row.get(kind + "s") is None for kind in MEDIA_KINDS):
+        return None
+    lists = {}
+    for kind in MEDIA_KINDS:
+        key, entries = kind + "s", row.get(kind + "s")
+        entries = [] if entries is None else [entries] if isinstance(entries, str) else entries
+        if not isinstance(entries, list):
+            raise DataError(f"{source}: field '{key}': expected an array of paths, got {_type_name(entries)}",
+                            "wrong_type")
+        lists[kind] = [_media_path(v, kind, base_dir, f"{source}: field '{key}[{i}]'") for i, v in enumerate(entries)]
+    return lists
+
+
+def _joined(parts: list[dict]) -> str | list[dict]:
+    """Parts -> a string if they are all text, else the parts with adjacent texts merged."""
+    merged = []
+    for part in parts:
+        if part["type"] == "text" and merged and merged[-1]["type"] == "text":
+            merged[-1] = {"type": "text", "text": merged[-1]["text"] + part["text"]}
+        elif part["type"] != "text" or part["text"]:
+            merged.append(part)
+    if all(part["type"] == "text" for part in merged):
+        return "".join(part["text"] for part in merged)
+    return merged
+
+
+def _content_parts(content, queues: dict | None, base_dir: str, where: str) -> list[dict]:
+    """One turn's content (a string or a content list) -> its parts in order: text, and media
+    with resolved paths. `queues` hands out the row's list entries to the tags; None: no tags."""
+    items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    parts = []
+    for j, item in enumerate(items):
+        at = where if isinstance(content, str) else f"{where}.content[{j}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text":
+            text = item.get("text")
+            if not isinstance(text, str):
+                raise DataError(f"{at}: field 'text': expected string, got {_type_name(text)}", "wrong_type")
+            for placeholder in _PLACEHOLDERS:
+                if placeholder in text:
+                    raise DataError(f"{at}: the text holds {placeholder}, which only media may bring; put an "
+                                    "<image>/<audio>/<video> tag or a media part where the item goes", "bad_media")
+            pieces = [text] if queues is None else _MEDIA_TAG.split(text)
+            for k, piece in enumerate(pieces):  # odd k: a tag's kind
+                parts.append({"type": piece, piece: next(queues[piece])} if k % 2 else {"type": "text", "text": piece})
+        elif kind in MEDIA_KINDS:
+            value = item.get(kind, item.get("path"))
+            parts.append({"type": kind, kind: _media_path(value, kind, base_dir, at)})
+        else:
+            raise DataError(f"{at}: expected a part {{\"type\": \"text\" | \"image\" | \"audio\" | \"video\", ...}}, "
+                            f"got {json.dumps(item, ensure_ascii=False)[:80]}", "wrong_type")
+    return parts
+
+
+def _media_turns(turns: list[dict], lists: dict | None, base_dir: str, where: str, exact: bool) -> list[dict]:
+    """Turns with their content read for media (rules in the module docstring): a text-only
+    turn's content becomes a string, a turn with media a list of parts.
+
+    lists: the row's ms-swift lists, or None (then tags are plain text). exact: every entry
+    must have its tag (the conversation); else the tags may take fewer (teacher_messages).
+    """
+    queues = None
+    if lists is not None:
+        texts = [t["content"] for t in turns if isinstance(t["content"], str)] + [
+            p.get("text", "") for t in turns if isinstance(t["content"], list) for p in t["content"]
+            if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        for kind in MEDIA_KINDS:
+            tags, entries = sum(text.count(f"<{kind}>") for text in texts), lists[kind]
+            if tags > len(entries) or (exact and tags < len(entries)):
+                named = f" ({', '.join(map(str, entries))})" if entries else ""
+                raise DataError(f"{where}: {tags} <{kind}> tag(s) in the text but {len(entries)} entries in "
+                                f"'{kind}s'{named}; each tag marks where the next entry goes", "bad_media")
+        queues = {kind: iter(lists[kind]) for kind in MEDIA_KINDS}
+    out = []
+    for i, turn in enumerate(turns):
+        parts = _content_parts(turn["content"], queues, base_dir, f"{where}[{i}]")
+        if turn["role"] != "user" and any(part["type"] != "text" for part in parts):
+            raise DataError(f"{where}[{i}]: the {turn['role']} turn holds media; images, audio and video may only "
+                            "appear in user turns", "bad_media")
+        out.append({"role": turn["role"], "content": _joined(parts)})
+    return out
+
+
+def _texts_field(row: dict, key: str, source: str) -> str | list[str] | None:
+    """`caption` / `transcript`: a string, or a list of strings (one per item)."""
+    value = row.get(key)
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise DataError(f"{source}: field '{key}': expected string or array of strings, got {_type_name(value)}",
+                    "wrong_type")
+
+
+def _teacher_turns(row: dict, lists: dict | None, base_dir: str, source: str) -> list[dict] | None:
+    """The row's own `teacher_messages` (prompt turns, ending with a user turn), or None."""
+    if row.get("teacher_messages") is None:
+        return None
+    turns = _list_turns(row, "teacher_messages", "role", "content", {r: r for r in CHAT_ROLES}, source)
+    turns = _media_turns(turns, lists, base_dir, f"{source}: teacher_messages", exact=False)
+    roles = [turn["role"] for turn in turns]
+    if not roles or roles[-1] != "user" or "system" in roles[1:]:
+        raise DataError(f"{source}: field 'teacher_messages': the teacher's prompt turns must end with a user turn "
+                        f"(a system message only first); roles seen: {roles}", "bad_conversation")
+    return turns
+
+
 def _parse_row(
-    row, source: str, teacher_system: str | None, teacher_sees_reference: bool
+    row, source: str, teacher_system: str | None, teacher_sees_reference: bool, base_dir: str = "."
 ) -> tuple[str, Example]:
-    """(format name, Example) for one row; raises DataError naming the source."""
+    """(format name, Example) for one row; raises DataError naming the source. Media paths are
+    joined to base_dir (the dataset file's folder); the media themselves are not read here."""
     if not isinstance(row, dict):
         raise DataError(f"{source}: a row must be a JSON object, got {_type_name(row)}", "wrong_type")
     if "messages" in row:
-        fmt = "messages"
+        fmt, key = "messages", "messages"
         turns = _list_turns(row, "messages", "role", "content", {r: r for r in CHAT_ROLES}, source)
     elif "conversations" in row:
-        fmt = "sharegpt"
+        fmt, key = "sharegpt", "conversations"
         turns = _list_turns(row, "conversations", "from", "value", _SHAREGPT_ROLES, source)
     elif row.keys() & {"instruction", "input", "output"}:
-        fmt = "alpaca"
+        fmt, key = "alpaca", "turns"
         turns = _alpaca_turns(row, source)
     else:
         raise DataError(
@@ -535,13 +744,85 @@ def _parse_row(
             "(instruction/input/output), OpenAI 'messages' or ShareGPT 'conversations'",
             "unknown_format",
         )
+    lists = _media_lists(row, source, base_dir)
+    turns = _media_turns(turns, lists, base_dir, f"{source}: {key}", exact=True)
     _check_conversation(turns, source)
     student, completion = turns[:-1], turns[-1]["content"]
+    use_audio_in_video = row.get("use_audio_in_video", False)
+    if not isinstance(use_audio_in_video, bool):
+        raise DataError(f"{source}: field 'use_audio_in_video': expected boolean, got {_type_name(use_audio_in_video)}",
+                        "wrong_type")
     row_teacher_system = _string_field(row, "teacher_system", source, required=False)
     teacher_context = _string_field(row, "teacher_context", source, required=False)
     reference = REFERENCE_WRAPPER.format(reference=completion) if teacher_sees_reference else None
-    teacher = _teacher_messages(student, [teacher_system, row_teacher_system], [teacher_context, reference])
-    return fmt, Example(student, teacher, completion, source)
+    base = _teacher_turns(row, lists, base_dir, source) or student
+    teacher = _teacher_messages(base, [teacher_system, row_teacher_system], [teacher_context, reference])
+    return fmt, Example(student, teacher, completion, source, use_audio_in_video=use_audio_in_video,
+                        caption=_texts_field(row, "caption", source), transcript=_texts_field(row, "transcript", source))
+
+
+# --- media: read and preprocessed once -----------------------------------------------------
+
+
+def load_media(kind: str, source, use_audio_in_video: bool = False) -> Media:
+    """Read and preprocess one media item with media.py -> Media.
+
+    source: a file path; a video may also be a list of frame image paths (taken as sampled at
+    2 fps). use_audio_in_video: a video also brings its sound track (it must have one).
+    Raises media.MediaError naming the file, or ImportError naming the package to install.
+    """
+    if kind == "image":
+        pixels, grid = media.image_patches(media.load_image(source), name=source)
+        return Media("image", source, pixels=pixels, grid_thw=grid)
+    if kind == "audio":
+        wave = media.load_audio(source)
+        return Media("audio", source, features=media.log_mel(wave), seconds=len(wave) / media.SAMPLING_RATE)
+    video = media.load_video(source)
+    name = source if isinstance(source, str) else f"{source[0]} (+{len(source) - 1} frames)"
+    pixels, grid, second_per_grid = media.video_patches(video.frames, video.fps, name=name)
+    features = None
+    if use_audio_in_video:
+        if not isinstance(source, str):
+            raise media.MediaError(name, "use_audio_in_video is set, but a video given as frames has no sound track")
+        wave = media.load_audio_from_video(source)
+        if wave is None:
+            raise media.MediaError(source, "use_audio_in_video is set, but the video has no audio stream")
+        features = media.log_mel(wave)
+    return Media("video", name, pixels=pixels, grid_thw=grid, second_per_grid=second_per_grid, features=features,
+                 seconds=len(video.frames) / video.fps)
+
+
+def _attach_media(ex: Example, cache: dict) -> None:
+    """Fill ex.media for every media part of its prompts; `cache` shares items between rows."""
+    for message in ex.student_messages + ex.teacher_messages:
+        for part in [] if isinstance(message["content"], str) else message["content"]:
+            if part["type"] == "text":
+                continue
+            key, with_sound = media_key(part), part["type"] == "video" and ex.use_audio_in_video
+            if (key, with_sound) not in cache:
+                try:
+                    cache[key, with_sound] = load_media(part["type"], part[part["type"]], with_sound)
+                except media.MediaError as error:
+                    raise DataError(f"{ex.source}: {error}", "bad_media") from None
+                except ImportError as error:  # a missing package is no bad row: never skipped
+                    raise DataError(f"{ex.source}: {error}", "missing_package") from None
+            ex.media[key] = cache[key, with_sound]
+
+
+def _read_media(examples: list[Example], indices: set[int], cache: dict, stats: dict | None) -> set[int]:
+    """Preprocess the media of the drawn rows examples[i], i in indices. Returns the rows whose
+    media are bad, counted in `stats` (skip_bad_rows); with stats None the first one raises."""
+    bad = set()
+    for i in sorted(indices):
+        try:
+            _attach_media(examples[i], cache)
+        except DataError as error:
+            if stats is None or error.reason == "missing_package":
+                raise
+            stats["rows_skipped"][error.reason] += 1
+            stats["bad_rows"].append(str(error))
+            bad.add(i)
+    return bad
 
 
 # --- specs, sampling and the eval split ------------------------------------------------------
@@ -611,14 +892,16 @@ def load_dataset_specs(
     Specs are concatenated in order; one numpy RandomState(seed), used spec after spec,
     makes the sampling and the eval split reproducible. With skip_bad_rows, a bad row is
     dropped, counted in stats["rows_skipped"][reason] and described in stats["bad_rows"];
-    without it, the first bad row raises DataError.
+    without it, the first bad row raises DataError. The media of the drawn rows are read and
+    preprocessed here (rules in the module docstring), so a bad file shows before any
+    model is loaded.
     """
     if not specs:
         raise DataError("no dataset specs given")
     if not 0 <= split_ratio < 1:
         raise DataError(f"split_ratio must be in [0, 1), got {split_ratio}")
     rng = np.random.RandomState(seed)
-    train, evaluation = [], []
+    train, evaluation, media_cache = [], [], {}
     stats = {"specs": [], "rows_read": 0, "rows_skipped": Counter(), "bad_rows": [], "formats": Counter()}
     for spec in specs:
         path, n_sample = _parse_spec(spec)
@@ -628,7 +911,8 @@ def load_dataset_specs(
             try:
                 if isinstance(row, DataError):
                     raise row
-                fmt, example = _parse_row(row, f"{path}:{line}", teacher_system, teacher_sees_reference)
+                fmt, example = _parse_row(row, f"{path}:{line}", teacher_system, teacher_sees_reference,
+                                          base_dir=os.path.dirname(path))
             except DataError as error:
                 if not skip_bad_rows:
                     raise
@@ -642,10 +926,15 @@ def load_dataset_specs(
             why = f"all {len(rows)} rows were bad and skipped" if rows else "the file holds no rows"
             raise DataError(f"{path}: no usable rows: {why}", "empty_dataset")
         train_idx, eval_idx = _split_and_sample(len(examples), n_sample, split_ratio, rng, spec)
+        bad = _read_media(examples, set(train_idx + eval_idx), media_cache, stats if skip_bad_rows else None)
+        if bad:  # drawn rows whose media are bad (skip_bad_rows): dropped, so the spec gives fewer rows
+            train_idx, eval_idx = [i for i in train_idx if i not in bad], [i for i in eval_idx if i not in bad]
+            if not train_idx:
+                raise DataError(f"{path}: no usable rows: the media of every drawn training row are bad", "empty_dataset")
         train += [examples[i] for i in train_idx]
         evaluation += [examples[i] for i in eval_idx]
         stats["specs"].append({
-            "spec": spec, "rows_read": len(rows), "rows_usable": len(examples),
+            "spec": spec, "rows_read": len(rows), "rows_usable": len(examples) - len(bad),
             "train": len(train_idx), "eval": len(eval_idx),
         })
     stats["train"], stats["eval"] = len(train), len(evaluation)
@@ -665,22 +954,103 @@ class EncodedExample:
     student_prompt_ids: list[int]
     teacher_prompt_ids: list[int]
     completion_ids: list[int]  # ends with <|im_end|> unless the completion was truncated
+    student_media: list[Media] = field(default_factory=list)  # the student prompt's media, in prompt order
+    teacher_media: list[Media] = field(default_factory=list)  # the teacher prompt's (may differ)
 
 
-def _fit_prompt(tok: ChatTokenizer, messages: list[dict], budget: int) -> tuple[list[int], bool] | None:
-    """(prompt ids, truncated?) keeping at most `budget` tokens from the left, or None when
-    the final user turn plus the assistant header alone exceed the budget.
+# The media markers and placeholders, as the chat template writes them and the processor expands them.
+MEDIA_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")
 
-    render_chat renders each turn on its own and every turn starts with the <|im_start|>
-    token, so encoding the history and the final turn apart gives exactly the ids of the
-    whole prompt, and tells us how long the final turn is.
+
+def media_token_ids(tok: ChatTokenizer) -> dict[str, int]:
+    """{token: id} for MEDIA_TOKENS (151652, 151653, 151655, 151656, 151669, 151670, 151675 in
+    the released tokenizer)."""
+    ids = {token: tok.tokenizer.token_to_id(token) for token in MEDIA_TOKENS}
+    missing = [token for token, token_id in ids.items() if token_id is None]
+    if missing:
+        raise DataError(f"the tokenizer has no {', '.join(missing)} token: media rows need the Qwen3-Omni tokenizer",
+                        "missing_token")
+    return ids
+
+
+def media_span(item: Media, ids: dict[str, int]) -> list[int]:
+    """The token ids of one media item, exactly as the released processor expands it:
+
+        image           <|vision_start|> <|image_pad|> x N <|vision_end|>      N = gh*gw/4
+        audio           <|audio_start|> <|audio_pad|> x N <|audio_end|>        N = audio_token_count(frames)
+        video           <|vision_start|> <|video_pad|> x N <|vision_end|>      N = gt*gh*gw/4
+        audio in video  <|vision_start|> <|audio_start|> V.. A.. V.. A.. <|audio_end|> <|vision_end|>
+
+    where V.. and A.. are runs of <|video_pad|> and <|audio_pad|> in time order
+    (media.interleave_audio_in_video): each 2-frame slice, then the sound until the next one.
     """
-    head = tok.encode(render_chat(messages[:-1]))
-    tail = tok.encode(render_chat(messages[-1:], add_generation_prompt=True))
+    vs, ve, as_, ae = (ids[t] for t in ("<|vision_start|>", "<|vision_end|>", "<|audio_start|>", "<|audio_end|>"))
+    if item.kind == "image":
+        return [vs] + [ids["<|image_pad|>"]] * item.n_vision_tokens + [ve]
+    if item.kind == "audio":
+        return [as_] + [ids["<|audio_pad|>"]] * item.n_audio_tokens + [ae]
+    if item.features is None:
+        return [vs] + [ids["<|video_pad|>"]] * item.n_vision_tokens + [ve]
+    pad = {"V": ids["<|video_pad|>"], "A": ids["<|audio_pad|>"]}
+    runs = media.interleave_audio_in_video(item.grid_thw, item.second_per_grid, item.n_audio_tokens)
+    return [vs, as_] + [pad[kind] for kind, count in runs for _ in range(count)] + [ae, ve]
+
+
+def _encode_turns(
+    tok: ChatTokenizer, messages: list[dict], items: dict, add_generation_prompt: bool = False
+) -> tuple[list[int], list[tuple[int, int, Media]]]:
+    """(ids, media spans [(start, end, item)]) of ChatML turns; `items` is Example.media.
+
+    Text-only turns give exactly tok.encode(render_chat(messages, add_generation_prompt)). A
+    turn with media renders its parts in order, no separators (the chat template's rule): the
+    text so far is encoded and the item's placeholder ids appended. Every span starts and ends
+    with an added token, where the tokenizer splits the text anyway, so the ids equal those of
+    the processor's expanded prompt string encoded at once, without building that string.
+    """
+    ids, spans, text, token_ids = [], [], "", None
+    for message in messages:
+        if isinstance(message["content"], str):
+            text += render_chat([message])
+            continue
+        text += f"<|im_start|>{message['role']}\n"
+        for part in message["content"]:
+            if part["type"] == "text":
+                text += part["text"]
+                continue
+            token_ids = token_ids or media_token_ids(tok)
+            item = items[media_key(part)]
+            ids += tok.encode(text)
+            text = ""
+            span = media_span(item, token_ids)
+            spans.append((len(ids), len(ids) + len(span), item))
+            ids += span
+        text += "<|im_end|>\n"
+    text += render_chat([], add_generation_prompt=add_generation_prompt)
+    return ids + tok.encode(text), spans
+
+
+def _fit_prompt(
+    tok: ChatTokenizer, messages: list[dict], items: dict, budget: int
+) -> tuple[list[int], bool, list[Media]] | None:
+    """(prompt ids, truncated?, its media in prompt order) keeping at most `budget` tokens from
+    the left, or None when the final user turn plus the assistant header alone exceed the budget.
+
+    Every turn starts with the <|im_start|> token, so encoding the history and the final turn
+    apart gives exactly the ids of the whole prompt, and tells us how long the final turn is.
+    A cut inside a media span moves right, past the span: an item goes whole or not at all.
+    """
+    head, head_spans = _encode_turns(tok, messages[:-1], items)
+    tail, tail_spans = _encode_turns(tok, messages[-1:], items, add_generation_prompt=True)
     if len(tail) > budget:
         return None
     ids = head + tail
-    return ids[-budget:], len(ids) > budget
+    spans = head_spans + [(start + len(head), end + len(head), item) for start, end, item in tail_spans]
+    cut = max(0, len(ids) - budget)
+    for start, end, _ in spans:
+        if start < cut < end:
+            cut = end
+    return ids[cut:], cut > 0, [item for start, _, item in spans if start >= cut]
 
 
 def encode_example(
@@ -702,32 +1072,64 @@ def encode_example(
         completion_ids = completion_ids[:max_completion_length]
         counts["completion_truncated"] += 1
     budget = max_length - len(completion_ids)
-    student = _fit_prompt(tok, ex.student_messages, budget)
-    teacher = _fit_prompt(tok, ex.teacher_messages, budget)
+    student = _fit_prompt(tok, ex.student_messages, ex.media, budget)
+    teacher = _fit_prompt(tok, ex.teacher_messages, ex.media, budget)
     if student is None or teacher is None:
         if stats is None:
+            side, need = tokens_needed(tok, ex, len(completion_ids))
             raise DataError(
-                f"{ex.source}: the final user turn does not fit in max_length={max_length} next to a "
-                f"{len(completion_ids)}-token completion",
+                f"{ex.source}: the final user turn does not fit in max_length={max_length}: {side} and the "
+                f"{len(completion_ids)}-token completion need {need} tokens; raise --max_length to at least "
+                f"{need}, or lower --max_completion_length",
                 "prompt_too_long",
             )
         stats["skipped_prompt_too_long"] += 1
         return None
     counts["student_prompt_truncated"] += student[1]
     counts["teacher_prompt_truncated"] += teacher[1]
-    return EncodedExample(student[0], teacher[0], completion_ids)
+    return EncodedExample(student[0], teacher[0], completion_ids, student[2], teacher[2])
+
+
+def tokens_needed(tok: ChatTokenizer, ex: Example, completion_tokens: int) -> tuple[str, int]:
+    """(which prompt, in words; the max_length it needs) for a row whose final user turn does not
+    fit: the longer of the student's and the teacher's final turns, plus the completion."""
+    def final_turn(messages):
+        return len(_encode_turns(tok, messages[-1:], ex.media, add_generation_prompt=True)[0])
+
+    student, teacher = final_turn(ex.student_messages), final_turn(ex.teacher_messages)
+    if student >= teacher:
+        return f"the final user turn ({student} tokens)", student + completion_tokens
+    reference = REFERENCE_WRAPPER.format(reference=ex.completion) in ex.teacher_messages[-1]["content"]
+    extra = ("with the reference answer that --teacher_sees_reference shows it" if reference
+             else "with its privileged context")
+    return f"the teacher's final user turn ({extra}: {teacher} tokens)", teacher + completion_tokens
 
 
 def encode_examples(
-    tok: ChatTokenizer, examples: list[Example], max_length: int, max_completion_length: int
+    tok: ChatTokenizer, examples: list[Example], max_length: int, max_completion_length: int,
+    skipped: list | None = None,
 ) -> tuple[list[EncodedExample], Counter]:
-    """encode_example over a list: (encoded rows, truncation and skip counts)."""
+    """encode_example over a list: (encoded rows, truncation and skip counts). `skipped`, if
+    given, receives (source, which prompt, tokens needed) for every row that did not fit."""
     stats = Counter()
     encoded = [encode_example(tok, ex, max_length, max_completion_length, stats) for ex in examples]
     kept = [e for e in encoded if e is not None]
+    too_long = []
+    if len(kept) < len(examples) and (skipped is not None or not kept):
+        for ex, enc in zip(examples, encoded):
+            if enc is None:
+                completion = min(len(tok.encode(ex.completion)) + 1, max_completion_length)
+                too_long.append((ex.source, *tokens_needed(tok, ex, completion)))
+        if skipped is not None:
+            skipped.extend(too_long)
     if examples and not kept:
+        needs = sorted(need for _, _, need in too_long)
+        side = min(too_long, key=lambda t: t[2])[1]
+        span = f"{needs[0]}" if needs[0] == needs[-1] else f"{needs[0]} to {needs[-1]}"
         raise DataError(
-            f"no example fits max_length={max_length}: all {len(examples)} were skipped (final user turn too long)",
+            f"no example fits max_length={max_length}: all {len(examples)} were skipped because the final user "
+            f"turn and the completion need {span} tokens (the shortest: {side}); raise --max_length to at least "
+            f"{needs[0]} ({needs[-1]} keeps every row), or lower --max_completion_length",
             "empty_dataset",
         )
     return kept, stats
@@ -746,6 +1148,38 @@ class Batch:
     teacher_prompt_mask: torch.Tensor  # [B, Pt]
     completion_ids: torch.Tensor  # [B, C] RIGHT-padded
     completion_mask: torch.Tensor  # [B, C] 1 on real completion tokens
+    student_media: MediaInputs | None = None  # the prompts' media; None when no row has any
+    teacher_media: MediaInputs | None = None
+
+
+def media_inputs(rows: list[list[Media]]) -> MediaInputs | None:
+    """The media of a batch's prompts (one list per row, in prompt order) -> MediaInputs, or
+    None when no row has media (text-only batches keep the text path).
+
+    Each modality's items are concatenated row after row, in prompt order: the order of their
+    placeholder runs in the padded ids. The sound of an audio-in-video video is an audio item
+    at the video's place. use_audio_in_video: the batch's videos carry their sound.
+    """
+    items = [item for row in rows for item in row]
+    if not items:
+        return None
+    images = [item for item in items if item.kind == "image"]
+    videos = [item for item in items if item.kind == "video"]
+    sounds = [item.features for item in items if item.features is not None]  # clips and video tracks
+
+    def grids(some):  # [n, 3] int64, as the processor gives them
+        return torch.tensor([item.grid_thw for item in some], dtype=torch.long)
+
+    return MediaInputs(
+        pixel_values=torch.cat([item.pixels for item in images]) if images else None,  # [sum gh*gw, 1536]
+        image_grid_thw=grids(images) if images else None,
+        pixel_values_videos=torch.cat([item.pixels for item in videos]) if videos else None,
+        video_grid_thw=grids(videos) if videos else None,
+        video_second_per_grid=torch.tensor([item.second_per_grid for item in videos]) if videos else None,
+        input_features=torch.cat(sounds, dim=1) if sounds else None,  # [128, sum frames]
+        audio_feature_lens=torch.tensor([f.shape[1] for f in sounds], dtype=torch.long) if sounds else None,
+        use_audio_in_video=any(item.features is not None for item in videos),
+    )
 
 
 def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -761,13 +1195,15 @@ def _pad(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Ten
 
 def collate(encoded: list[EncodedExample], pad_id: int) -> Batch:
     """Prompts padded on the left, completions on the right, so that cat(prompt, completion)
-    starts every completion at the same column (see join_prompt_completion)."""
+    starts every completion at the same column (see join_prompt_completion); the prompts'
+    media gathered for the model (media_inputs)."""
     if not encoded:
         raise ValueError("collate needs at least one example")
     student = _pad([e.student_prompt_ids for e in encoded], pad_id, left=True)
     teacher = _pad([e.teacher_prompt_ids for e in encoded], pad_id, left=True)
     completion = _pad([e.completion_ids for e in encoded], pad_id, left=False)
-    return Batch(*student, *teacher, *completion)
+    return Batch(*student, *teacher, *completion, media_inputs([e.student_media for e in encoded]),
+                 media_inputs([e.teacher_media for e in encoded]))
 
 
 def join_prompt_completion(
@@ -790,3 +1226,126 @@ def labels_for(input_ids: torch.Tensor, attention_mask: torch.Tensor, completion
     labels[:, :completion_start] = -100
     labels[attention_mask == 0] = -100
     return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Inspect
+# ---------------------------------------------------------------------------------------------
+
+_PAD_RUN = re.compile(r"(<\|(?:image|video|audio)_pad\|>)\1*")
+
+
+def abbreviate_placeholders(text: str) -> str:
+    """Each run of one placeholder written once with its count: '<|image_pad|>x36'."""
+    return _PAD_RUN.sub(lambda m: f"{m.group(1)}x{len(m.group(0)) // len(m.group(1))}", text)
+
+
+def render_prompt(messages: list[dict], items: dict) -> str:
+    """A prompt as text (generation header included), each media item written out as the
+    processor expands it; abbreviate_placeholders makes it readable."""
+    as_text = {token: token for token in MEDIA_TOKENS}  # media_span with the tokens themselves for ids
+    text = ""
+    for message in messages:
+        if isinstance(message["content"], str):
+            text += render_chat([message])
+            continue
+        text += f"<|im_start|>{message['role']}\n"
+        for part in message["content"]:
+            text += part["text"] if part["type"] == "text" else "".join(media_span(items[media_key(part)], as_text))
+        text += "<|im_end|>\n"
+    return text + render_chat([], add_generation_prompt=True)
+
+
+def describe_media(item: Media) -> str:
+    """One line: what the towers get for a media item, and its placeholder count."""
+    if item.kind == "audio":
+        return (f"audio {item.path}: {item.seconds:.2f} s, input_features {list(item.features.shape)} "
+                f"-> {item.n_audio_tokens} <|audio_pad|>")
+    t, gh, gw = item.grid_thw
+    size = f"{gw * media.PATCH_SIZE}x{gh * media.PATCH_SIZE}"
+    if item.kind == "image":
+        return (f"image {item.path}: resized to {size}, grid {t}x{gh}x{gw}, pixel_values {list(item.pixels.shape)} "
+                f"-> {item.n_vision_tokens} <|image_pad|>")
+    line = (f"video {item.path}: {item.seconds:.2f} s, frames resized to {size}, grid {t}x{gh}x{gw} "
+            f"({item.second_per_grid:g} s per grid), pixel_values_videos {list(item.pixels.shape)} "
+            f"-> {item.n_vision_tokens} <|video_pad|>")
+    if item.features is not None:
+        line += (f"; its sound: input_features {list(item.features.shape)} -> {item.n_audio_tokens} <|audio_pad|> "
+                 "interleaved with the frames")
+    return line
+
+
+def _describe_example(ex: Example, fmt: str, tok: ChatTokenizer | None, enc: EncodedExample | None) -> list[str]:
+    def prompt(messages, ids, what):
+        if ids is None:
+            return [f"  {what}:"] + ["    " + line for line in abbreviate_placeholders(
+                render_prompt(messages, ex.media)).splitlines()]
+        return [f"  {what}, {len(ids)} tokens:"] + [
+            "    " + line for line in abbreviate_placeholders(tok.decode(ids)).splitlines()]
+
+    flags = ", use_audio_in_video" if ex.use_audio_in_video else ""
+    lines = [f"{ex.source}  ({fmt}{flags})"]
+    lines += [f"  {describe_media(item)}" for item in dict.fromkeys(ex.media.values())]
+    lines += prompt(ex.student_messages, enc and enc.student_prompt_ids, "student prompt")
+    if ex.teacher_messages == ex.student_messages:
+        lines.append("  teacher prompt: the student's")
+    else:
+        lines += prompt(ex.teacher_messages, enc and enc.teacher_prompt_ids, "teacher prompt")
+    size = f", {len(enc.completion_ids)} tokens" if enc else ""
+    lines.append(f"  completion{size}: {ex.completion}")
+    lines += [f"  {key}: {value}" for key, value in (("caption", ex.caption), ("transcript", ex.transcript)) if value]
+    return lines
+
+
+def inspect_dataset(
+    spec: str,
+    tok: ChatTokenizer | None = None,
+    rows: int | None = 10,
+    max_length: int = 2048,
+    max_completion_length: int = 512,
+    teacher_system: str | None = None,
+    teacher_sees_reference: bool = False,
+) -> str:
+    """What the first `rows` rows of a dataset file become (file order, no sampling), as text:
+    the media (shapes, grids, seconds, placeholder counts), the rendered student and teacher
+    prompts with placeholder runs abbreviated ('<|image_pad|>x36') and the completion. With a
+    tokenizer the prompts are the decoded ids, truncated to max_length as training does. A bad
+    row gets its error line instead. Nothing but the tokenizer and the media is loaded.
+    """
+    path, _ = _parse_spec(spec)
+    lines, cache = [], {}
+    for line, row in _read_rows(path)[:rows]:
+        try:
+            if isinstance(row, DataError):
+                raise row
+            fmt, ex = _parse_row(row, f"{path}:{line}", teacher_system, teacher_sees_reference, os.path.dirname(path))
+            _attach_media(ex, cache)
+            enc = encode_example(tok, ex, max_length, max_completion_length) if tok else None
+        except DataError as error:
+            lines += [f"{error}  (skipped: {error.reason})", ""]
+            continue
+        lines += _describe_example(ex, fmt, tok, enc) + [""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python data.py", description="What selfkd makes of a dataset.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    inspect = commands.add_parser("inspect", help="print the first rows as the trainer will see them")
+    inspect.add_argument("dataset", help="a .jsonl / .json dataset file")
+    inspect.add_argument("--model", help="checkpoint directory: its tokenizer counts and truncates the prompts")
+    inspect.add_argument("--rows", type=int, default=10, help="how many rows, from the top (default 10)")
+    inspect.add_argument("--max_length", type=int, default=2048)
+    inspect.add_argument("--max_completion_length", type=int, default=512)
+    inspect.add_argument("--teacher_system", help="run-wide extra system prompt for the teacher")
+    inspect.add_argument("--teacher_sees_reference", action="store_true", help="show the teacher the answer")
+    args = parser.parse_args()
+    try:
+        print(inspect_dataset(args.dataset, load_tokenizer(args.model) if args.model else None, args.rows,
+                              args.max_length, args.max_completion_length, args.teacher_system,
+                              args.teacher_sees_reference))
+    except (DataError, OSError) as error:
+        sys.exit(f"data.py: error: {error}")

@@ -731,7 +731,8 @@ def evaluate(engine, encoded_eval: list, batch_size: int, pad_id: int, beta: flo
 
 
 def to_device(batch: Batch, device) -> Batch:
-    return Batch(**{f.name: getattr(batch, f.name).to(device) for f in fields(batch)})
+    return Batch(**{f.name: None if value is None else value.to(device)  # no media: None stays None
+                    for f in fields(batch) for value in [getattr(batch, f.name)]})
 
 
 # ----------------------------------------------------------------------------------------------

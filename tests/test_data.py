@@ -527,8 +527,7 @@ def test_missing_required_field(tmp_path):
     ({"instruction": "q", "output": "a", "history": [["only one"]]}, r"field 'history\[0\]': expected \[question"),
     ({"instruction": "q", "output": "a", "teacher_context": ["x"]},
      "field 'teacher_context': expected string, got array"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}]},
-     r"field 'content': expected string, got array"),
+    ({"messages": [{"role": "user", "content": 5}]}, r"field 'content': expected string, got int"),
     ({"conversations": "human: hi"}, "field 'conversations': expected array, got string"),
     (["instruction", "output"], "a row must be a JSON object, got array"),
 ])
