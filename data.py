@@ -3,7 +3,7 @@
 Read top to bottom; each section builds on the one before:
 
 1. Tokenizer    -- a Qwen2Tokenizer built from `tokenizers` alone (no transformers at runtime).
-2. Chat format  -- Qwen3-Omni text-only ChatML, and a tiny trainable tokenizer for tests.
+2. Chat format  -- Qwen3-Omni text-only ChatML (the embedded default's tokenizer is tiny.py's).
 3. Datasets     -- alpaca / OpenAI `messages` / ShareGPT rows, with images, audio and video,
                    -> student and teacher prompts; the media preprocessed once (media.py).
 4. Encoding     -- token ids with the media placeholders expanded, plus the truncation rule.
@@ -75,7 +75,6 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
-from tokenizers.trainers import BpeTrainer
 
 import media
 from model_qwen3omni import MediaInputs
@@ -225,37 +224,6 @@ def load_tokenizer(model_dir) -> ChatTokenizer:
 
 CHAT_ROLES = ("system", "user", "assistant")
 
-# The Jinja template written into tokenizer_config.json / chat_template.json by
-# write_tiny_tokenizer, in the style of Qwen3-Omni's: ChatML turns, no default system
-# prompt, media parts become placeholder tokens. For text messages it renders exactly
-# what render_chat returns (a test checks this through transformers).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message.content is string %}"
-    "{%- set content = message.content %}"
-    "{%- else %}"
-    "{%- set ns = namespace(text='') %}"
-    "{%- for part in message.content %}"
-    "{%- if part.type == 'image' %}"
-    "{%- set ns.text = ns.text + '<|vision_start|><|image_pad|><|vision_end|>' %}"
-    "{%- elif part.type == 'video' %}"
-    "{%- set ns.text = ns.text + '<|vision_start|><|video_pad|><|vision_end|>' %}"
-    "{%- elif part.type == 'audio' %}"
-    "{%- set ns.text = ns.text + '<|audio_start|><|audio_pad|><|audio_end|>' %}"
-    "{%- elif part.type == 'text' %}"
-    "{%- set ns.text = ns.text + part.text %}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- set content = ns.text %}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- endif %}"
-)
-
-
 def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
     """Text-only Qwen3-Omni ChatML. No default system prompt is added.
 
@@ -277,69 +245,6 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
 
 
 SAMPLE_DATASET = Path(__file__).resolve().parent / "data" / "sample_alpaca.jsonl"
-
-# Text the tiny tokenizer should see besides the sample rows: the ChatML role names, so
-# that they become single tokens as in the real vocabulary, and a common English system prompt.
-_TINY_TOKENIZER_EXTRA_TEXT = "system\nuser\nassistant\nYou are a helpful assistant.\n"
-
-
-def write_tiny_tokenizer(out_dir, vocab_size: int = 1024) -> None:
-    """Train a small Qwen-style byte-level BPE on the bundled sample dataset and write it in
-    the released checkpoint's layout: vocab.json, merges.txt, tokenizer_config.json,
-    chat_template.json. The vocabulary has at most `vocab_size` ids (fewer only if the text
-    runs out of merges); the added tokens take the ids right after the BPE vocab.
-    """
-    n_added = len(QWEN_ADDED_TOKENS)
-    if vocab_size < 256 + n_added + 1:
-        raise ValueError(f"vocab_size must be at least {256 + n_added + 1} (256 bytes + added tokens + 1 merge)")
-    train, _, _ = load_dataset_specs([str(SAMPLE_DATASET)], seed=0, split_ratio=0.0)
-    texts = [_TINY_TOKENIZER_EXTRA_TEXT, REFERENCE_WRAPPER]
-    for example in train:
-        texts += [message["content"] for message in example.teacher_messages] + [example.completion]
-
-    tokenizer = _qwen_pipeline(Tokenizer(BPE()))
-    trainer = BpeTrainer(
-        vocab_size=vocab_size - n_added,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tokenizer.model.save(out_dir)  # vocab.json and merges.txt
-    first_id = tokenizer.get_vocab_size()
-    added_tokens_decoder = {
-        str(first_id + i): {
-            "content": content,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": special,
-        }
-        for i, (content, special) in enumerate(QWEN_ADDED_TOKENS)
-    }
-    config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added_tokens_decoder,
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 32768,
-        "pad_token": "<|endoftext|>",
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
-    }
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
-    with open(os.path.join(out_dir, "chat_template.json"), "w", encoding="utf-8") as f:
-        json.dump({"chat_template": CHAT_TEMPLATE}, f, ensure_ascii=False, indent=2)
-
 
 # ---------------------------------------------------------------------------------------------
 # 3. Datasets

@@ -15,6 +15,16 @@ B [E, out, r], applied inside the grouped expert loop to the tokens routed to ea
 The expert gate and up projections are one fused map ([E, 2*I, H], gate rows first, as in
 transformers 5 and PEFT), so they share one LoRA pair; this is exactly PEFT's
 `target_parameters` LoRA on `experts.gate_up_proj`, which makes the adapter loadable by PEFT.
+
+The audio and vision towers are frozen and get no LoRA by default (ms-swift's --freeze_vit true,
+--freeze_aligner true). ms-swift's split of the towers is kept:
+    vit          every linear map of audio_tower and visual except the aligners (attention, MLP,
+                 the audio conv_out); LoRA on them with freeze_vit=False
+    aligner      what projects tower features to the LM width: audio_tower.proj1/proj2,
+                 visual.merger and the deepstack visual.merger_list; LoRA with freeze_aligner=False
+(convolutions, the vision patch embedding and position table never get LoRA, as in ms-swift,
+whose LoRA targets linear layers only.) With LoRA on a tower the teacher (LoRA off) and the
+student see different tower outputs, as they should.
 """
 from __future__ import annotations
 
@@ -29,10 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_qwen3omni import MLP, Attention, Experts, Thinker, non_text_tensors, save_released
+from model_qwen3omni import MLP, Attention, Experts, Thinker, other_tensors, save_released
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = LINEAR_TARGETS + ("experts",)
+# ms-swift's `aligner` modules of qwen3_omni (its model_arch): module-name prefixes inside the thinker
+ALIGNER_PREFIXES = ("audio_tower.proj1", "audio_tower.proj2", "visual.merger.", "visual.merger_list.")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -67,17 +79,17 @@ class LoRABranch(nn.Module):
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear (same `weight`, same name) plus a switchable LoRA branch."""
+    """An nn.Linear (same `weight` and `bias`, same names) plus a switchable LoRA branch."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator=None):
-        nn.Module.__init__(self)  # reuse base's weight instead of allocating a new one
+        nn.Module.__init__(self)  # reuse base's weight and bias instead of allocating new ones
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, None
+        self.weight, self.bias = base.weight, base.bias  # the LM's have no bias, the towers' do
         self.lora = LoRABranch(self.in_features, self.out_features, rank, alpha, dropout, generator)
         self.lora_enabled, self.merged = True, False
 
     def forward(self, x):
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)
         if self.lora_enabled and not self.merged:
             y = y + self.lora(x.to(self.lora.A.dtype)).to(y.dtype)
         return y
@@ -139,7 +151,7 @@ class LoraSummary:
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total
 
-    def __str__(self):
+    def __str__(self):  # targets: the LM's, then "vit" / "aligner" when the towers have LoRA
         return (f"LoRA r={self.rank} alpha={self.alpha:g} dropout={self.dropout:g} on {', '.join(self.targets)} "
                 f"({self.wrapped} modules): trainable {self.trainable:,} / {self.total:,} params "
                 f"({self.percent:.4f}%)")
@@ -160,18 +172,30 @@ def lora_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts))]
 
 
+def tower_part(name: str) -> str | None:
+    """'vit' or 'aligner' for a module of the towers (by its name in the thinker), None for the LM's."""
+    if not name.startswith(("audio_tower.", "visual.")):
+        return None
+    return "aligner" if name.startswith(ALIGNER_PREFIXES) else "vit"
+
+
 def inject_lora(model: Thinker, rank: int = 8, alpha: float = 16, dropout: float = 0.05, targets: str = "ALL",
-                seed: int = 0) -> LoraSummary:
+                seed: int = 0, freeze_vit: bool = True, freeze_aligner: bool = True) -> LoraSummary:
     """Add LoRA to `model` in place, freeze everything else. A is drawn from `seed` (the same on
-    every rank), B is zero, so the student starts exactly equal to the base."""
+    every rank), B is zero, so the student starts exactly equal to the base.
+
+    `targets` names the language model's layers. freeze_vit=False adds LoRA to every linear map
+    of the towers outside the aligners, freeze_aligner=False to the aligners' (ms-swift's flags;
+    a model built without towers has none to add)."""
     if rank <= 0:
         raise ValueError(f"LoRA rank must be > 0, got {rank}")
     names = parse_targets(targets)
+    tower_parts = {part for part, frozen in (("vit", freeze_vit), ("aligner", freeze_aligner)) if not frozen}
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
-    for parent in list(model.modules()):
+    for parent in list(model.modules()):  # the language model (the towers hold no Attention / MLP / Experts)
         if isinstance(parent, (Attention, MLP)):
             for child in LINEAR_TARGETS:
                 base = getattr(parent, child, None)
@@ -182,13 +206,21 @@ def inject_lora(model: Thinker, rank: int = 8, alpha: float = 16, dropout: float
             base = parent.experts
             parent.experts = LoRAExperts(base, rank, alpha, dropout, generator).to(base.gate_up_proj.device)
             wrapped += 1
+    tower_linears = [(name, m) for name, m in model.named_modules()
+                     if tower_part(name) in tower_parts and type(m) is nn.Linear]
+    for name, base in tower_linears:
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, LoRALinear(base, rank, alpha, dropout, generator).to(base.weight.device))
+        wrapped += 1
     if wrapped == 0:
         raise ValueError(f"--lora_target_modules {targets!r} matched no module of this model")
     trainable = sum(p.numel() for n, p in model.named_parameters() if _is_lora_name(n))
     for n, p in model.named_parameters():
         p.requires_grad_(_is_lora_name(n))
     total = sum(_numel(p) for p in model.parameters())
-    return LoraSummary(rank, alpha, dropout, names, wrapped, trainable, total)
+    on_towers = tuple(part for part in ("vit", "aligner") if part in tower_parts and
+                      any(tower_part(n) == part for n, _ in tower_linears))
+    return LoraSummary(rank, alpha, dropout, names + on_towers, wrapped, trainable, total)
 
 
 def _numel(p):
@@ -282,7 +314,7 @@ def export_merged(model: Thinker, path: str, dtype=torch.bfloat16, base_path: st
     if base_path is not None:
         with open(os.path.join(base_path, "config.json")) as f:
             config = json.load(f)
-        extra = non_text_tensors(base_path)
+        extra = other_tensors(base_path, model)
         os.makedirs(path, exist_ok=True)
         for name in os.listdir(base_path):
             if name not in ("config.json", "model.safetensors.index.json") and not name.endswith(".safetensors"):
@@ -295,7 +327,23 @@ def export_merged(model: Thinker, path: str, dtype=torch.bfloat16, base_path: st
 # ----------------------------------------------------------------------------------------------
 # Adapter files: PEFT's layout for transformers' Qwen3OmniMoeThinkerForConditionalGeneration
 
-_PEFT_PREFIX = "base_model.model.model.language_model."
+# transformers' Qwen3OmniMoeThinkerForConditionalGeneration holds the LM under `model.language_model.`
+# and the towers under `model.audio_tower.` / `model.visual.`; PEFT keys add `base_model.model.`.
+_PEFT_PREFIX = "base_model.model."
+
+
+def _hf_name(name: str) -> str:
+    """Our module name -> transformers' module name in the thinker (what PEFT keys and matches)."""
+    return f"model.{name}" if tower_part(name) else f"model.language_model.{name}"
+
+
+# The towers' LoRA modules as PEFT regexes over transformers' names (must select exactly the
+# nn.Linear modules tower_part classifies; the PEFT round-trip test checks the key sets match)
+_TOWER_REGEX = {
+    "vit": r"audio_tower\.(conv_out|layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2))"
+           r"|visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc[12])",
+    "aligner": r"audio_tower\.proj[12]|visual\.(merger|merger_list\.\d+)\.mlp\.[02]",
+}
 
 
 def _peft_entries(model: Thinker):
@@ -311,12 +359,12 @@ def _peft_entries(model: Thinker):
         if isinstance(m, LoRALinear):
             for ab in ("A", "B"):
                 p = getattr(m.lora, ab)
-                entries.append((f"{_PEFT_PREFIX}{name}.lora_{ab}.weight", p, lambda t: t, lambda t: t))
+                entries.append((f"{_PEFT_PREFIX}{_hf_name(name)}.lora_{ab}.weight", p, lambda t: t, lambda t: t))
         elif isinstance(m, LoRAExperts):
             for which, sub in (("gate_up", "base_layer."), ("down", "")):
                 A, B = getattr(m, f"lora_{which}_A"), getattr(m, f"lora_{which}_B")
                 E, r = _shape(A)[0], _shape(A)[1]
-                stem = f"{_PEFT_PREFIX}{name}.{sub}"
+                stem = f"{_PEFT_PREFIX}{_hf_name(name)}.{sub}"
                 entries.append((stem + "lora_A.weight", A,
                                 lambda t: t.reshape(-1, t.shape[-1]),  # [E, r, in] -> [E*r, in]
                                 lambda t, E=E, r=r: t.reshape(E, r, -1)))
@@ -332,23 +380,31 @@ def _adapter_config(model: Thinker) -> dict:
     scaling = first.lora.scaling if isinstance(first, LoRALinear) else first.scaling
     rank = _shape(first.lora.A)[0] if isinstance(first, LoRALinear) else _shape(first.lora_gate_up_A)[1]
     dropout = (first.lora.dropout if isinstance(first, LoRALinear) else first.dropout).p
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    linear = sorted({name.rsplit(".", 1)[-1] for name in wrapped if tower_part(name) is None})
+    towers = [part for part in ("vit", "aligner") if any(tower_part(name) == part for name in wrapped)]
     has_experts = any(isinstance(m, LoRAExperts) for m in modules)
+    parts = ([rf"language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(linear)})"] if linear else []) + \
+        [_TOWER_REGEX[part] for part in towers]
+    targets = rf".*\.({'|'.join(parts)})$" if parts else None
+    # every other module is excluded: PEFT 0.21 on transformers 5 turns a regex into the leaf names it
+    # matches and then takes every module ending in one of them (an LM q_proj regex also picks the
+    # audio tower's q_proj, the visual attn.proj one also patch_embed.proj)
+    keep = parts + ([r"language_model\.layers\.\d+\.mlp\.experts"] if has_experts else [])
     return {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
         "r": rank, "lora_alpha": scaling * rank,
         # PEFT refuses dropout on stacked-expert LoRA; dropout only acts in training, so the file
         # says 0 and the training value is kept under "selfkd" below.
         "lora_dropout": 0.0 if has_experts else dropout,
-        "target_modules": rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(linear)})$" if linear else None,
-        # PEFT 0.21 on transformers 5 still matches the audio tower's q/k/v against the regex
-        # above (its weight-conversion renaming); excluding the towers keeps them base-only.
-        "exclude_modules": r".*(audio_tower|visual)\..*",
+        "target_modules": targets,
+        "exclude_modules": rf"(?!.*\.({'|'.join(keep)})$).*",
         "target_parameters": ["experts.gate_up_proj", "experts.down_proj"] if has_experts else None,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "inference_mode": True, "modules_to_save": None,
         "selfkd": {"rank": rank, "alpha": scaling * rank, "dropout": dropout,
-                   "targets": linear + (["experts"] if has_experts else [])},
+                   "targets": linear + (["experts"] if has_experts else []),
+                   "freeze_vit": "vit" not in towers, "freeze_aligner": "aligner" not in towers},
     }
 
 

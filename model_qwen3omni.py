@@ -2,8 +2,8 @@
 side of audio/image/video prompts.
 
 Read top to bottom: config -> building blocks (RMSNorm, RoPE and MRoPE, attention, grouped MoE) ->
-multimodal positions (rope_index) -> the Thinker (with MediaEmbeds) -> loading the released
-safetensors checkpoint -> writing a random one -> decoding.
+multimodal positions (rope_index) -> the Thinker (with MediaEmbeds, and the towers of towers.py
+when a run has media) -> loading the released safetensors checkpoint -> writing one -> decoding.
 
 The thinker's language model is a Qwen3 MoE decoder: pre-norm blocks, GQA attention with
 per-head q/k RMSNorm before RoPE, and a top-k routed mixture of SwiGLU experts. Qwen3-Omni
@@ -11,6 +11,10 @@ uses interleaved multimodal RoPE (MRoPE): every token has a (time, height, width
 each rotary frequency reads one of the three. For text the three are equal, which makes it
 exactly ordinary 1-D RoPE: text-only batches take that path. Media tokens (the outputs of the
 audio and vision towers, scattered over placeholder tokens) get 3-D positions from `rope_index`.
+
+The towers (towers.py) are built and loaded only when a run asks for them
+(`ThinkerConfig.from_pretrained(path, towers=True)`, `load_thinker(..., towers=True)`): a text-only
+run holds exactly the language model.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from towers import AudioConfig, AudioEncoder, VisionConfig, VisionEncoder, audio_token_count
+
 
 # ----------------------------------------------------------------------------------------------
 # Config
@@ -32,7 +38,8 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class ThinkerConfig:
-    """Text config of the thinker. Defaults are the released 30B-A3B values."""
+    """The thinker's config: its language model (`text_config`), the media ids and timing, and the
+    towers' configs when the run uses them. Defaults are the released 30B-A3B values."""
 
     vocab_size: int = 152064
     hidden_size: int = 2048
@@ -67,6 +74,10 @@ class ThinkerConfig:
     vision_end_token_id: int = 151653  # <|vision_end|>
     position_id_per_seconds: int = 13  # MRoPE time ticks per second: 1 audio token = 1 tick; video t*spg*13
     spatial_merge_size: int = 2  # vision_config: a 2x2 block of 16-px patches is one LM token
+    # The towers (thinker_config.audio_config / vision_config). None = not built: from_dict reads them
+    # only with towers=True, so a text-only run never builds, loads or even validates them.
+    audio_config: AudioConfig | None = None
+    vision_config: VisionConfig | None = None
 
     def __post_init__(self):
         if self.mrope_section is None:
@@ -75,6 +86,21 @@ class ThinkerConfig:
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(f"mrope_section {self.mrope_section} must be 3 numbers adding up to head_dim/2 = "
                              f"{self.head_dim // 2}")
+        # the towers' outputs replace token embeddings, so they must come out at the LM's width
+        if self.audio_config is not None and self.audio_config.output_dim != self.hidden_size:
+            raise ValueError(f"audio_config.output_dim {self.audio_config.output_dim} != hidden_size "
+                             f"{self.hidden_size}")
+        if self.vision_config is not None:
+            if self.vision_config.out_hidden_size != self.hidden_size:
+                raise ValueError(f"vision_config.out_hidden_size {self.vision_config.out_hidden_size} != "
+                                 f"hidden_size {self.hidden_size}")
+            if self.vision_config.spatial_merge_size != self.spatial_merge_size:
+                raise ValueError(f"vision_config.spatial_merge_size {self.vision_config.spatial_merge_size} != "
+                                 f"spatial_merge_size {self.spatial_merge_size}")
+
+    @property
+    def has_towers(self) -> bool:
+        return self.audio_config is not None or self.vision_config is not None
 
     def placeholder_id(self, modality: str) -> int:
         """The token a modality's tower outputs replace: 'audio', 'image' or 'video'."""
@@ -87,8 +113,9 @@ class ThinkerConfig:
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
     @classmethod
-    def from_dict(cls, cfg: dict, source: str = "config") -> "ThinkerConfig":
-        """Accepts the full Qwen3-Omni config, a thinker-only config or a bare text config."""
+    def from_dict(cls, cfg: dict, source: str = "config", towers: bool = False) -> "ThinkerConfig":
+        """Accepts the full Qwen3-Omni config, a thinker-only config or a bare text config.
+        towers=True also reads the audio and vision towers' configs (both must be there)."""
         model_type = cfg.get("model_type", "")
         thinker = {}
         if "thinker_config" in cfg:
@@ -124,20 +151,27 @@ class ThinkerConfig:
             kwargs["spatial_merge_size"] = merge
         if cfg.get("attention_bias"):
             raise ValueError(f"{source}: attention_bias=true is not supported")
+        if towers:
+            for key, tower in (("audio_config", AudioConfig), ("vision_config", VisionConfig)):
+                if not thinker.get(key):
+                    raise ValueError(f"{source}: no thinker_config.{key}, so this checkpoint has no "
+                                     f"{key.split('_')[0]} tower to encode media with")
+                kwargs[key] = tower.from_dict(thinker[key], source)
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "ThinkerConfig":
+    def from_pretrained(cls, path: str, towers: bool = False) -> "ThinkerConfig":
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no config.json at {file!r} (is {path!r} a Qwen3-Omni model directory?)")
         with open(file) as f:
-            return cls.from_dict(json.load(f), source=file)
+            return cls.from_dict(json.load(f), source=file, towers=towers)
 
     def to_hf_text_config(self) -> dict:
         """The `text_config` block of the released config.json."""
         d = asdict(self)
-        for k in ("rope_theta", "mrope_section", "spatial_merge_size", *MEDIA_CONFIG_KEYS):
+        for k in ("rope_theta", "mrope_section", "spatial_merge_size", "audio_config", "vision_config",
+                  *MEDIA_CONFIG_KEYS):
             d.pop(k)
         d.update(
             model_type="qwen3_omni_moe_text", hidden_act="silu", attention_bias=False, attention_dropout=0.0,
@@ -659,6 +693,25 @@ class MediaInputs:
                               for f in fields(self) for v in [getattr(self, f.name)]})
 
 
+def media_rope_index(input_ids, attention_mask, cfg: ThinkerConfig, media: MediaInputs):
+    """rope_index for a batch's MediaInputs: positions float32 [3, B, S] and rope_deltas [B, 1]."""
+    counts = None if media.audio_feature_lens is None else \
+        [audio_token_count(int(n)) for n in media.audio_feature_lens.tolist()]
+    return rope_index(input_ids, attention_mask, cfg, image_grid_thw=media.image_grid_thw,
+                      video_grid_thw=media.video_grid_thw, video_second_per_grid=media.video_second_per_grid,
+                      audio_token_counts=counts, use_audio_in_video=media.use_audio_in_video)
+
+
+MODALITIES = ("audio", "image", "video")  # the order transformers runs the towers in
+
+
+def _present(media: MediaInputs | None) -> dict[str, bool]:
+    if media is None:
+        return dict.fromkeys(MODALITIES, False)
+    return {"audio": media.input_features is not None, "image": media.pixel_values is not None,
+            "video": media.pixel_values_videos is not None}
+
+
 class Thinker(nn.Module):
     def __init__(self, cfg: ThinkerConfig):
         super().__init__()
@@ -667,7 +720,73 @@ class Thinker(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # the towers, only when the config carries them (ThinkerConfig.from_dict(..., towers=True));
+        # their parameter names are the released ones after `thinker.`
+        self.audio_tower = AudioEncoder(cfg.audio_config) if cfg.audio_config is not None else None
+        self.visual = VisionEncoder(cfg.vision_config) if cfg.vision_config is not None else None
         self.gradient_checkpointing = False
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty, then refill what no checkpoint holds: the audio tower's sinusoid table (a
+        non-persistent buffer), left uninitialised by a meta-device build."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.audio_tower is not None:
+            self.audio_tower.init_buffers()
+        return self
+
+    def encode_media(self, media: MediaInputs | None) -> list[MediaEmbeds]:
+        """Run the towers over a batch's media: one MediaEmbeds per modality present, for `forward(media=...)`.
+
+        As transformers: audio through the audio tower; images, then videos, each in its own
+        vision-tower call. Run it once and pass the result to several forwards (teacher and student
+        see the same tower outputs), except with LoRA on the towers (--freeze_vit false), where the
+        teacher's come from a call under lora_disabled.
+
+        Under ZeRO-3 with several ranks every rank must make the same tower calls, because each call
+        gathers the tower's partitioned weights from all ranks. So there, every rank calls this for
+        every batch, also a text-only one (media None; `forward` does it by itself for a prompt that
+        comes without media): the ranks agree on the modalities any of them has, and a rank without
+        one runs that tower on a one-token stand-in whose output enters its result as a 0-row
+        MediaEmbeds (still tied to the graph, so backward gathers match too).
+        """
+        have = _present(media)
+        run, device = have, None
+        if self._towers_partitioned():
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if torch.distributed.get_backend() == "nccl" else torch.device("cpu"))
+            flags = torch.tensor([have[m] for m in MODALITIES], dtype=torch.int32, device=device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            run = dict(zip(MODALITIES, map(bool, flags.tolist())))
+        out = []
+        for modality in (m for m in MODALITIES if run[m]):
+            tower = self.audio_tower if modality == "audio" else self.visual
+            if tower is None:
+                raise ValueError(f"{modality} media, but this thinker was built without its "
+                                 f"{'audio' if modality == 'audio' else 'vision'} tower (load it with towers=True)")
+            c = tower.cfg
+            if modality == "audio":
+                features, lens = ((media.input_features, media.audio_feature_lens) if have[modality] else
+                                  (torch.zeros(c.num_mel_bins, 1, device=device), torch.tensor([1])))  # -> 1 token
+                embeds, deepstack = tower(features, lens), []
+            else:
+                pixels, grid = ((media.pixel_values, media.image_grid_thw) if modality == "image" else
+                                (media.pixel_values_videos, media.video_grid_thw))
+                if not have[modality]:  # one merge block of patches -> 1 token
+                    m = c.spatial_merge_size
+                    pixels = torch.zeros(m * m, c.in_channels * c.temporal_patch_size * c.patch_size ** 2,
+                                         device=device)
+                    grid = torch.tensor([[1, m, m]], device=device)
+                embeds, deepstack = tower(pixels, grid)
+            if not have[modality]:
+                embeds, deepstack = embeds[:0], [d[:0] for d in deepstack]
+            out.append(MediaEmbeds(modality, embeds, deepstack))
+        return out
+
+    def _towers_partitioned(self) -> bool:
+        """Whether the towers' weights are ZeRO-3 partitions spread over several ranks."""
+        towers = [t for t in (self.audio_tower, self.visual) if t is not None]
+        return (bool(towers) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+                and any(hasattr(p, "ds_id") for t in towers for p in t.parameters()))
 
     def embed(self, input_ids, media=None):
         """input_ids [B, T] -> (inputs_embeds [B, T, H], deepstack).
@@ -720,27 +839,46 @@ class Thinker(nn.Module):
             joint.append(f)
         return x, (visual, joint)
 
+    def resolve_media(self, input_ids, attention_mask, media_inputs: MediaInputs, media=None, position_ids=None):
+        """(media, position_ids) for a forward over input_ids [B, T]: the given ones, else the towers'
+        outputs (encode_media) and, with images or videos, rope_index's positions [3, B, T]. Text and
+        audio-only batches keep position_ids None: 1-D positions from the mask, as transformers."""
+        if media is None:
+            media = self.encode_media(media_inputs)
+        if position_ids is None and (media_inputs.image_grid_thw is not None or media_inputs.video_grid_thw is not None):
+            position_ids = media_rope_index(input_ids, attention_mask, self.cfg, media_inputs)[0]
+        return media, position_ids
+
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, return_hidden: bool = False,
-                media=None, position_ids=None):
+                media=None, position_ids=None, media_inputs: MediaInputs | None = None):
         """input_ids [B, T] (the new tokens when decoding with `cache`); attention_mask [B, S]
         covers cached + new tokens. Returns logits [B, T, V], or the final normed hidden
         states [B, T, H] with `return_hidden` (the trainer projects only the positions it scores).
 
-        Media prompts: `media` is a list of MediaEmbeds (tower outputs for the placeholder tokens,
-        see `embed`) and `position_ids` [3, B, T] the MRoPE positions of the new tokens (from
-        `rope_index`; float or int). Without position_ids, positions are 1-D from the mask: right for
-        text and audio-only prompts, so image/video media require them. position_ids [B, T] is
-        accepted too (1-D RoPE at those positions)."""
+        Media: `media_inputs` (the batch's MediaInputs) runs the towers (encode_media) and, for
+        images and videos, computes the MRoPE positions with rope_index over the whole sequence
+        passed (a prompt, or prompt + completion in training). Either part can be given instead:
+        `media`, a list of MediaEmbeds (tower outputs for the placeholder tokens, see `embed`; e.g.
+        encode_media's result reused for teacher and student), and `position_ids` [3, B, T], the
+        MRoPE positions of the new tokens (float or int). Without position_ids, positions are 1-D
+        from the mask: right for text and audio-only prompts, so image/video media require them.
+        position_ids [B, T] is accepted too (1-D RoPE at those positions)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(B, past + T, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+        if media is None and media_inputs is None and not past and self._towers_partitioned():
+            media_inputs = MediaInputs()  # a prompt without media still joins the other ranks' tower calls
+        if media_inputs is not None:
+            if past:
+                raise ValueError("media_inputs belong to the whole prompt (the prefill), not to a decode step")
+            media, position_ids = self.resolve_media(input_ids, attention_mask, media_inputs, media, position_ids)
         x, deepstack = self.embed(input_ids, media)  # [B, T, H]
         positions, mask = positions_and_mask(attention_mask, T)
         if position_ids is None:
-            if any(m.modality in ("image", "video") for m in media or ()):
+            if any(m.modality in ("image", "video") and len(m.embeds) for m in media or ()):
                 raise ValueError("image/video media need 3-D position_ids [3, B, T] (see rope_index)")
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         elif position_ids.shape == (B, T):
@@ -775,6 +913,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.f
 # model writes `thinker.model.*`, a fresh thinker-only save `model.*`; transformers 5's in-memory
 # names use `model.language_model.*`.
 _TEXT_PREFIXES = ("thinker.model.language_model.", "thinker.model.", "model.language_model.", "model.")
+# The towers' tensors: released `thinker.audio_tower.*` / `thinker.visual.*`, a thinker-only save
+# `audio_tower.*` / `visual.*`, transformers 5's in-memory names with `model.` in front. Our
+# parameter names are the part after `thinker.` (so checked before the text prefixes).
+_TOWER_PREFIXES = tuple((f"{outer}{tower}.", f"{tower}.") for tower in ("audio_tower", "visual")
+                        for outer in ("thinker.model.", "thinker.", "model.", ""))
 _LM_HEAD_KEYS = ("thinker.lm_head.weight", "lm_head.weight")
 _PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -788,15 +931,19 @@ def resolve_dtype(dtype) -> torch.dtype:
 
 
 def _target(key: str):
-    """Checkpoint key -> (our parameter name, index into it or None), or None if not a text tensor."""
+    """Checkpoint key -> (our parameter name, index into it or None), or None if not a thinker tensor
+    (talker, code2wav). Tower tensors map to `audio_tower.*` / `visual.*`."""
     if key in _LM_HEAD_KEYS:
         return "lm_head.weight", None
+    for prefix, ours in _TOWER_PREFIXES:
+        if key.startswith(prefix):
+            return ours + key[len(prefix):], None
     for prefix in _TEXT_PREFIXES:
         if key.startswith(prefix):
             name = key[len(prefix):]
             break
     else:
-        return None  # audio/vision towers, talker, code2wav
+        return None  # talker, code2wav
     m = _PER_EXPERT.match(name)
     if m is None:
         return name, None
@@ -807,14 +954,29 @@ def _target(key: str):
     return f"{stem}.gate_up_proj", (e, half)
 
 
-def non_text_tensors(path: str):
-    """(key, tensor) pairs of everything in a checkpoint that is not the thinker's text model
-    (audio and vision towers, talker, code2wav), read one at a time."""
+def _tower_of(name: str) -> str | None:
+    """'audio_tower' / 'visual' for one of the towers' parameter names, else None."""
+    head = name.split(".", 1)[0]
+    return head if head in ("audio_tower", "visual") else None
+
+
+def _holds(model: Thinker, key: str) -> bool:
+    """Whether `model` has a place for this checkpoint tensor (a text-only model skips the towers')."""
+    target = _target(key)
+    if target is None:
+        return False
+    tower = _tower_of(target[0])
+    return tower is None or getattr(model, tower) is not None
+
+
+def other_tensors(path: str, model: Thinker):
+    """(key, tensor) pairs of everything in a checkpoint that `model` does not hold (the towers it
+    was built without, talker, code2wav), read one at a time."""
     from safetensors import safe_open
 
     by_shard: dict[str, list[str]] = {}
     for key, shard in _shard_map(path).items():
-        if _target(key) is None:
+        if not _holds(model, key):
             by_shard.setdefault(shard, []).append(key)
     for shard, keys in sorted(by_shard.items()):
         with safe_open(shard, framework="pt") as f:
@@ -857,7 +1019,8 @@ def copy_into_zero3_partition(param: nn.Parameter, value: torch.Tensor):
 
 
 def load_weights(model: Thinker, path: str, assign=copy_into_param):
-    """Stream the thinker text tensors of a checkpoint into `model`, shard by shard.
+    """Stream the thinker's tensors of a checkpoint into `model`, shard by shard: the language
+    model's, and the towers' when `model` has them (a text-only model skips theirs).
 
     Each tensor is read, cast and copied into place before the next is read. Per-expert keys
     are staged into one layer's stacked tensor and copied when the layer is complete, so the
@@ -870,7 +1033,7 @@ def load_weights(model: Thinker, path: str, assign=copy_into_param):
     shard_of = _shard_map(path)
     wanted: dict[str, list[str]] = {}
     for key, shard in shard_of.items():
-        if _target(key) is not None:
+        if _holds(model, key):
             wanted.setdefault(shard, []).append(key)
     done: set[str] = set()
     staging: dict[str, tuple[torch.Tensor, set]] = {}  # stacked name -> (buffer, pieces seen)
@@ -929,11 +1092,12 @@ def load_weights(model: Thinker, path: str, assign=copy_into_param):
         model.lm_head.weight = model.embed_tokens.weight
 
 
-def load_thinker(path: str, dtype=torch.bfloat16, device="cpu") -> Thinker:
+def load_thinker(path: str, dtype=torch.bfloat16, device="cpu", towers: bool = False) -> Thinker:
     """Build the thinker without initialising it (meta device) and stream the checkpoint in:
-    the only full copy of the weights is the model itself."""
+    the only full copy of the weights is the model itself. towers=True: with its audio and
+    vision towers (for media); without, exactly the language model."""
     dtype = resolve_dtype(dtype)
-    cfg = ThinkerConfig.from_pretrained(path)
+    cfg = ThinkerConfig.from_pretrained(path, towers=towers)
     with torch.device("meta"):
         model = Thinker(cfg).to(dtype)
     model.to_empty(device=device)
@@ -942,24 +1106,14 @@ def load_thinker(path: str, dtype=torch.bfloat16, device="cpu") -> Thinker:
 
 
 # ----------------------------------------------------------------------------------------------
-# A random checkpoint in the released layout (tests and the embedded default run)
-
-
-def init_random_(model: Thinker, seed: int = 0, std: float = 0.02):
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if p.dim() == 1:  # norms
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+# Writing a checkpoint in the released layout (merged exports; tiny.py's random checkpoints)
 
 
 def released_tensors(named, prefix: str = "thinker."):
     """(our name, tensor) pairs -> (released key, tensor) pairs, experts split per expert."""
     for name, p in named:
-        if name == "lm_head.weight":
-            yield f"{prefix}lm_head.weight", p
+        if name == "lm_head.weight" or _tower_of(name) is not None:  # thinker.lm_head, thinker.audio_tower.*, ...
+            yield f"{prefix}{name}", p
             continue
         stem = f"{prefix}model.{name}"
         if name.endswith("experts.gate_up_proj"):
@@ -974,12 +1128,37 @@ def released_tensors(named, prefix: str = "thinker."):
             yield stem, p
 
 
+# Top-level ids of the released config.json that the thinker never reads (the talker and chat
+# tooling do); written so that a config we generate has every field the released one has.
+_RELEASED_IDS = {"im_start_token_id": 151644, "im_end_token_id": 151645, "system_token_id": 8948,
+                 "user_token_id": 872, "assistant_token_id": 77091, "tts_pad_token_id": 151671,
+                 "tts_bos_token_id": 151672, "tts_eos_token_id": 151673}
+
+
+def released_config(cfg: ThinkerConfig, dtype=torch.bfloat16) -> dict:
+    """config.json with the released fields for what `cfg` describes: the thinker's text_config, ids and
+    timing, its towers' audio_config / vision_config when cfg has them, and no talker
+    (enable_audio_output false: speech output is not part of what selfkd trains)."""
+    dtype = str(resolve_dtype(dtype)).removeprefix("torch.")
+    thinker = {"model_type": "qwen3_omni_moe_thinker", **cfg.to_hf_thinker_ids(),
+               "seconds_per_chunk": 2, "user_token_id": 872, "initializer_range": 0.02,
+               "tie_word_embeddings": cfg.tie_word_embeddings, "dtype": dtype,
+               "text_config": cfg.to_hf_text_config()}
+    if cfg.audio_config is not None:
+        thinker["audio_config"] = cfg.audio_config.to_hf_dict()
+    if cfg.vision_config is not None:
+        thinker["vision_config"] = cfg.vision_config.to_hf_dict()
+    return {"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "model_type": "qwen3_omni_moe",
+            "enable_audio_output": False, **_RELEASED_IDS, "initializer_range": 0.02, "dtype": dtype,
+            "thinker_config": thinker}
+
+
 def save_released(cfg: ThinkerConfig, named, path: str, dtype=torch.bfloat16, max_shard_bytes: int = 2 * 2**30,
                   extra=(), config: dict | None = None):
     """Write (our name, tensor) pairs as config.json + sharded safetensors + index in the released
     layout. Tensors are consumed one at a time; at most one shard is held in memory. `extra`
-    yields (released key, tensor) pairs written as they are (e.g. a base model's audio and
-    vision towers); `config` replaces the generated config.json."""
+    yields (released key, tensor) pairs written as they are (e.g. a base model's talker, or the
+    towers of a text-only model); `config` replaces the generated config.json (released_config)."""
     from safetensors.torch import save_file
 
     dtype = resolve_dtype(dtype)
@@ -1009,24 +1188,8 @@ def save_released(cfg: ThinkerConfig, named, path: str, dtype=torch.bfloat16, ma
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}},
                   f, indent=2)
-    config = config or {
-        "architectures": ["Qwen3OmniMoeForConditionalGeneration"], "model_type": "qwen3_omni_moe",
-        "enable_audio_output": False,
-        "thinker_config": {"model_type": "qwen3_omni_moe_thinker", **cfg.to_hf_thinker_ids(),
-                           "text_config": cfg.to_hf_text_config()},
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def write_random_checkpoint(cfg: ThinkerConfig, path: str, seed: int = 0, dtype=torch.float32,
-                            max_shard_bytes: int = 2 * 2**30, std: float = 0.02) -> str:
-    """A randomly initialised thinker in the released layout (`thinker.` prefix, per-expert keys)."""
-    model = Thinker(cfg)
-    init_random_(model, seed, std)
-    save_released(cfg, model.state_dict().items(), path, dtype=dtype, max_shard_bytes=max_shard_bytes)
-    return path
+        json.dump(config or released_config(cfg, dtype), f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1081,10 +1244,11 @@ def greedy(logits):
 
 @torch.no_grad()
 def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_ids, pad_id: int,
-             pick_next=greedy, all_done=None, media=None, position_ids=None):
+             pick_next=greedy, all_done=None, media=None, position_ids=None, media_inputs: MediaInputs | None = None):
     """KV-cache decoding from left-padded prompts [B, P].
 
-    Media prompts: `media` (MediaEmbeds list) and `position_ids` [3, B, P] (rope_index) go to the
+    Media prompts: `media_inputs` (the prompts' MediaInputs; the towers run once, positions from
+    rope_index), or their parts `media` (MediaEmbeds list) and `position_ids` [3, B, P], go to the
     prefill; each generated token then takes the previous position + 1 on all three axes (the
     prompt's last position + 1 + i for the i-th, as transformers' generate does). That is
     cumsum(mask) - 1 + rope_delta whenever the prompt's last token holds the row's largest
@@ -1103,6 +1267,8 @@ def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_i
     cache = KVCache(model.cfg, B, P + max_new_tokens, first.dtype, prompt_ids.device)
     eos = torch.tensor(list(eos_ids), device=prompt_ids.device)
     mask = prompt_mask
+    if media_inputs is not None:
+        media, position_ids = model.resolve_media(prompt_ids, prompt_mask, media_inputs, media, position_ids)
 
     def next_logits(ids, **media_kw):  # only the last position needs logits: [B, V], not [B, T, V]
         return model.lm_head(model(ids, mask, cache, return_hidden=True, **media_kw)[:, -1])

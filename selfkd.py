@@ -38,11 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from data import (Batch, DataError, collate, encode_examples, join_prompt_completion, load_dataset_specs,
-                  load_tokenizer, write_tiny_tokenizer)
+                  load_tokenizer)
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import adapter_tensors, inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter
 from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_weights,
-                             resolve_dtype, sample_next, write_random_checkpoint)
+                             resolve_dtype, sample_next)
+from tiny import ensure_default_model
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config / flags
@@ -114,6 +115,15 @@ class Config:
         ["all-linear"],
         "modules that get LoRA ('ALL' / 'all-linear': every linear layer of the thinker's LLM)",
         aliases=("--target_modules",),
+    )
+    freeze_vit: bool = _flag(
+        True, "keep the audio and vision towers frozen; false: LoRA also on their linear layers "
+        "(except the aligners), so the student's tower outputs move and the teacher's (LoRA off) do not. "
+        "Only matters when the data has media rows (the towers are built only then)"
+    )
+    freeze_aligner: bool = _flag(
+        True, "keep the aligners frozen (audio_tower.proj1/proj2, visual.merger and merger_list, which "
+        "project tower features to the LLM width); false: LoRA on their linear layers"
     )
     # --- data ---
     dataset: list[str] = _flag(
@@ -513,41 +523,14 @@ def init_distributed(cfg: Config):
     return torch.device("cpu")
 
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiny-qwen3-omni")
-
-
-def tiny_thinker_config(vocab_size: int) -> ThinkerConfig:
-    """The embedded default: the released architecture at toy width (GQA, 8 experts top-2)."""
-    return ThinkerConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
-                         moe_intermediate_size=64, intermediate_size=256, rope_theta=10000.0,
-                         max_position_embeddings=4096)
-
-
-def ensure_default_model(path: str = DEFAULT_MODEL_DIR) -> str:
-    """Write the tiny random Qwen3-Omni checkpoint (released layout + tokenizer files) once.
-    Written to a temporary directory and renamed, so a concurrent or interrupted run never
-    sees half of it."""
-    if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-        return path
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write_tiny_tokenizer(tmp)
-    # std 0.15 rather than 0.02: peaked enough that the teacher's extra context visibly changes
-    # its next-token distribution, so the demo has something to distil
-    write_random_checkpoint(tiny_thinker_config(load_tokenizer(tmp).vocab_size), tmp, seed=0, std=0.15)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def build_student(cfg: Config, ds: dict, dtype, device, log):
+def build_student(cfg: Config, ds: dict, dtype, device, log, towers: bool = False):
     """The thinker built partitioned (ZeRO-3) or whole, the checkpoint streamed into it, then
-    LoRA added. Returns (model, LoRA summary)."""
+    LoRA added. towers=True (the data has media rows): with its audio and vision towers, frozen
+    unless --freeze_vit / --freeze_aligner false; without, the language model alone (a text-only
+    run's memory). Returns (model, LoRA summary)."""
     import deepspeed
 
-    mcfg = ThinkerConfig.from_pretrained(cfg.model)
+    mcfg = ThinkerConfig.from_pretrained(cfg.model, towers=towers)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
@@ -561,12 +544,14 @@ def build_student(cfg: Config, ds: dict, dtype, device, log):
         model.to_empty(device=device)
         load_weights(model, cfg.model)
     summary = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                          ",".join(cfg.lora_target_modules), seed=cfg.seed)
+                          ",".join(cfg.lora_target_modules), seed=cfg.seed, freeze_vit=cfg.freeze_vit,
+                          freeze_aligner=cfg.freeze_aligner)
     for _, p in lora_parameters(model):
         p.data = p.data.to(device=device, dtype=dtype)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     log(f"model: {cfg.model} ({mcfg.num_hidden_layers} layers, {mcfg.num_experts} experts, "
-        f"vocab {mcfg.vocab_size}), ZeRO stage {stage}, dtype {str(dtype).removeprefix('torch.')}")
+        f"vocab {mcfg.vocab_size}{', audio and vision towers' if towers else ''}), ZeRO stage {stage}, "
+        f"dtype {str(dtype).removeprefix('torch.')}")
     return model, summary
 
 

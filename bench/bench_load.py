@@ -79,9 +79,11 @@ def child(args):
     res = {"after_import": _peaks()}
     t = time.perf_counter()
     if args.child == "write":
+        from tiny import write_random_checkpoint
+
         cfg = mq.ThinkerConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                                num_experts=args.experts, moe_intermediate_size=args.inter)
-        mq.write_random_checkpoint(cfg, args.path, dtype=torch.bfloat16, max_shard_bytes=args.shard_mb * 2**20)
+        write_random_checkpoint(cfg, args.path, dtype=torch.bfloat16, max_shard_bytes=args.shard_mb * 2**20)
     elif args.child == "load":
         model = mq.load_thinker(args.path, dtype=torch.bfloat16)
         res["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -44,6 +44,23 @@ def hf_full_model(cfg: ThinkerConfig, seed: int = 0, attn: str = "sdpa"):
     return model.eval()
 
 
+def unit_scale_(hf, seed):
+    """Weights at unit scale (std 1/sqrt(fan_in); HF's init std 0.02 leaves every GELU and softmax nearly
+    linear / uniform, where a wrong variant would hide), LayerNorm weights 1 + noise, every bias noise
+    (random init leaves them 1 / 0), so layout errors show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in n or "ln_" in n:
+                p.copy_((1.0 if n.endswith(".weight") else 0.0) + 0.1 * noise)
+            elif n.endswith(".bias"):
+                p.copy_(0.1 * noise)
+            else:  # pos_embed rows: unit scale, like the activations they are added to
+                p.copy_(noise / (p[0].numel() ** 0.5 if p.dim() > 1 and "pos_embed" not in n else 1.0))
+    return hf
+
+
 def left_padded_batch(vocab: int, lengths, seed: int = 0):
     """Random ids, left padded to the longest length: ids [B, T], mask [B, T]."""
     g = torch.Generator().manual_seed(seed)

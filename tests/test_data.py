@@ -9,7 +9,8 @@ import torch
 
 from data import (REFERENCE_WRAPPER, SAMPLE_DATASET, DataError, EncodedExample, Example, collate, encode_example,
                   encode_examples, join_prompt_completion, labels_for, load_dataset_specs, load_tokenizer,
-                  render_chat, write_tiny_tokenizer)
+                  render_chat)
+from tiny import write_tiny_tokenizer
 
 # Text that exercises every branch of the Qwen split regex, NFC, byte-level BPE and the
 # added-token matcher.
@@ -85,24 +86,6 @@ def row_ids(examples):
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and chat format against transformers
 # ---------------------------------------------------------------------------------------------
-
-
-def test_tiny_tokenizer_layout(tiny_dir, tok):
-    files = sorted(os.listdir(tiny_dir))
-    assert files == ["chat_template.json", "merges.txt", "tokenizer_config.json", "vocab.json"]
-    n_bpe = len(json.loads((tiny_dir / "vocab.json").read_text(encoding="utf-8")))
-    config = json.loads((tiny_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert config["tokenizer_class"] == "Qwen2Tokenizer" and config["bos_token"] is None
-    # Added tokens take the ids right after the BPE vocab, in Qwen's order.
-    assert (tok.pad_id, tok.im_start_id, tok.im_end_id) == (n_bpe, n_bpe + 1, n_bpe + 2)
-    assert tok.eos_ids == [tok.im_end_id, tok.pad_id]
-    assert tok.vocab_size == 1024 == n_bpe + len(config["added_tokens_decoder"])
-
-
-def test_write_tiny_tokenizer_is_deterministic(tiny_dir, tmp_path):
-    write_tiny_tokenizer(tmp_path)
-    for name in os.listdir(tiny_dir):
-        assert (tmp_path / name).read_bytes() == (tiny_dir / name).read_bytes(), name
 
 
 def test_transformers_loads_it_as_qwen2_tokenizer(tiny_dir, hf_tok, tok):

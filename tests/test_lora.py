@@ -142,7 +142,8 @@ def test_save_load_round_trip_is_exact(hf_dir, tmp_path):
         assert torch.equal(a, b), n
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["selfkd"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
-                                "targets": ["k_proj", "o_proj", "q_proj", "v_proj", "experts"]}
+                                "targets": ["k_proj", "o_proj", "q_proj", "v_proj", "experts"],
+                                "freeze_vit": True, "freeze_aligner": True}
 
 
 def test_merge_unmerge_and_merged_export_loads_in_transformers(hf_dir, tmp_path):

@@ -1,15 +1,25 @@
-"""The thinker's multimodal language-model side (placeholder scatter, deepstack, MRoPE positions,
-decoding from media prompts) against transformers 5.24's Qwen3-Omni thinker.
+"""The thinker's multimodal forward against transformers 5.24's Qwen3-Omni thinker.
 
-The tower outputs are taken from transformers' own audio and vision towers, so these tests isolate
-the language model: ours gets exactly the embeddings HF scatters. Inputs are built by hand (no
-processor): placeholder runs of the right lengths, random pixel rows and log-mel features.
+First the language-model side (placeholder scatter, deepstack, MRoPE positions, decoding from media
+prompts) with the tower outputs taken from transformers' own towers, so that ours gets exactly the
+embeddings HF scatters. Then the whole thinker with OUR towers (towers.py) loaded from the released
+layout: MediaInputs in, logits and greedy generations out; the towers' LoRA; and the same under
+ZeRO-3 with 2 processes. Inputs are built by hand (no processor): placeholder runs of the right
+lengths, random pixel rows and log-mel features.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from model_qwen3omni import (MediaEmbeds, Thinker, ThinkerConfig, generate, init_random_, load_thinker,
+from hf_models import unit_scale_
+from lora import inject_lora, lora_disabled, lora_parameters, save_adapter
+from model_qwen3omni import (MediaEmbeds, MediaInputs, Thinker, ThinkerConfig, generate, load_thinker,
                              mrope_cos_sin, rope_cos_sin, rope_index)
+from tiny import init_random_
+from zero3_omni import VOCAB_STRIDE
 
 # Released special ids (REFERENCE-omni 1.3): the tiny HF model uses them, so its vocab is the real 152064.
 VS, VE, AS, AE = 151652, 151653, 151669, 151670
@@ -53,6 +63,9 @@ def hf_omni_model(seed: int = 0):
                 p.add_(0.1 * torch.randn_like(p))
             elif name.endswith("mlp.gate.weight"):
                 p.normal_(0.0, 0.5)
+    # the towers at unit scale: HF's 0.02 init leaves their GELUs and softmaxes nearly linear / uniform
+    unit_scale_(model.thinker.model.audio_tower, seed + 1)
+    unit_scale_(model.thinker.model.visual, seed + 2)
     for c in (model.config, model.thinker.config, model.thinker.config.text_config):
         c._attn_implementation = "sdpa"
     return model.eval()
@@ -182,13 +195,40 @@ def hf_media(hf, batch):
 
 
 @pytest.fixture(scope="module")
-def omni(tmp_path_factory):
-    """(HF full model fp32, our Thinker loaded from its save_pretrained, our config)."""
+def omni_saved(tmp_path_factory):
+    """(HF full model fp32, the directory of its save_pretrained: the released layout)."""
     hf = hf_omni_model(seed=1)
     path = str(tmp_path_factory.mktemp("omni"))
     hf.save_pretrained(path)
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def omni(omni_saved):
+    """(HF full model fp32, our text-only Thinker loaded from its save_pretrained, our config)."""
+    hf, path = omni_saved
     ours = load_thinker(path, dtype=torch.float32)
     return hf, ours, ours.cfg
+
+
+@pytest.fixture(scope="module")
+def with_towers(omni_saved):
+    """(HF full model fp32, our Thinker with its towers, loaded from the same directory)."""
+    hf, path = omni_saved
+    return hf, load_thinker(path, dtype=torch.float32, towers=True)
+
+
+def media_inputs(batch, use_audio_in_video=False) -> MediaInputs:
+    """The data layer's MediaInputs for an HF-style batch: the clips' valid frames concatenated in time."""
+    fmask = batch.get("feature_attention_mask")
+    lens = None if fmask is None else fmask.sum(-1)
+    features = None if fmask is None else \
+        torch.cat([f[:, :n] for f, n in zip(batch["input_features"], lens.tolist())], dim=1)
+    return MediaInputs(pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+                       pixel_values_videos=batch.get("pixel_values_videos"),
+                       video_grid_thw=batch.get("video_grid_thw"),
+                       video_second_per_grid=batch.get("video_second_per_grid"), input_features=features,
+                       audio_feature_lens=lens, use_audio_in_video=use_audio_in_video)
 
 
 def masked_max_diff(a, b, mask):
@@ -426,3 +466,209 @@ def test_gradient_checkpointing_with_media_gives_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()] + [t.grad.clone() for t in leaves])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
+# ---- the thinker with its towers ------------------------------------------------------------------
+
+# audio in video: 4 video tokens per slice interleaved with 13 audio tokens per second; a wide video
+# that outlasts its audio; a text-only row
+AIV_ROWS = [[("text", 3), aiv((2, 4, 4), 1.0, 200), ("text", 2)],
+            [("text", 2), aiv((1, 4, 28), 1.0, 50), ("text", 3)],
+            [("text", 5)]]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_text_only_load_builds_no_towers(omni, with_towers):
+    hf, text_only, cfg = omni
+    _, full = with_towers
+    assert text_only.audio_tower is None and text_only.visual is None
+    assert cfg.audio_config is None and cfg.vision_config is None and not cfg.has_towers
+    lm = {n: p.shape for n, p in full.named_parameters() if not n.startswith(("audio_tower.", "visual."))}
+    assert {n: p.shape for n, p in text_only.named_parameters()} == lm
+    towers = {n: p.shape for n, p in full.named_parameters() if n not in lm}
+    assert towers == {n.removeprefix("model."): p.shape for n, p in hf.thinker.named_parameters()
+                      if n.startswith(("model.audio_tower.", "model.visual."))}
+    batch = media_batch(MIXED[1:2])
+    with pytest.raises(ValueError, match="built without its vision tower .*towers=True"):
+        text_only(batch["input_ids"], batch["attention_mask"], media_inputs=media_inputs(batch))
+    with pytest.raises(ValueError, match="no thinker_config.audio_config"):
+        ThinkerConfig.from_dict({"text_config": cfg.to_hf_text_config()}, towers=True)
+
+
+def test_encode_media_is_hfs_towers(with_towers):
+    """Our towers inside the thinker, loaded from the released layout (thinker.audio_tower.*,
+    thinker.visual.*), give exactly transformers' get_audio/image/video_features."""
+    hf, ours = with_towers
+    batch = media_batch(MIXED)
+    with torch.no_grad():
+        ref, out = hf_media(hf, batch), ours.encode_media(media_inputs(batch))
+    assert [m.modality for m in out] == [m.modality for m in ref] == ["audio", "image", "video"]
+    for a, b in zip(ref, out):
+        assert a.embeds.abs().max() > 0.1  # unit-scale towers: a meaningful scale for the tolerance
+        assert (a.embeds - b.embeds).abs().max() <= 1e-6, a.modality
+        assert len(a.deepstack) == len(b.deepstack) == (0 if a.modality == "audio" else 2)
+        for x, y in zip(a.deepstack, b.deepstack):
+            assert (x - y).abs().max() <= 1e-6, a.modality
+
+
+def test_fp32_logits_with_our_towers_match_hf_left_padded(with_towers):
+    """MediaInputs in: text-only, image, two images, audio, and video + image + audio rows."""
+    hf, ours = with_towers
+    batch = media_batch(MIXED)
+    ids, mask, mi = batch["input_ids"], batch["attention_mask"], media_inputs(batch)
+    with torch.no_grad():
+        ref = hf.thinker(**batch).logits
+        out = ours(ids, mask, media_inputs=mi)
+        # the towers run once, their outputs reused (what the trainer does for teacher and student)
+        reused = ours(ids, mask, media=ours.encode_media(mi), media_inputs=mi)
+    diff = masked_max_diff(out, ref, mask)
+    print(f"thinker + our towers, fp32 logits max diff vs HF: {diff:.2e}")
+    assert out.shape == ref.shape and diff <= 1e-5
+    assert torch.equal(reused, out)
+
+
+def test_prompt_plus_completion_positions_cover_the_whole_sequence(with_towers):
+    """Training passes prompt + completion at once (completions right-padded): the MRoPE positions
+    come from rope_index over the whole sequence, as transformers computes them."""
+    hf, ours = with_towers
+    batch = media_batch(MIXED, seed=5)
+    g = torch.Generator().manual_seed(6)
+    completion = torch.randint(1000, 150000, (len(MIXED), 4), generator=g)
+    completion_mask = torch.ones_like(completion)
+    completion_mask[-1, 2:] = 0  # the last row's completion is shorter
+    full = dict(batch, input_ids=torch.cat([batch["input_ids"], completion.masked_fill(completion_mask == 0, 0)], 1),
+                attention_mask=torch.cat([batch["attention_mask"], completion_mask], 1))
+    with torch.no_grad():
+        ref = hf.thinker(**full).logits
+        out = ours(full["input_ids"], full["attention_mask"], media_inputs=media_inputs(full))
+    assert masked_max_diff(out, ref, full["attention_mask"]) <= 1e-5
+
+
+def test_audio_in_video_with_our_towers_matches_hf(with_towers):
+    hf, ours = with_towers
+    batch = media_batch(AIV_ROWS)
+    with torch.no_grad():
+        ref = hf.thinker(**batch, use_audio_in_video=True).logits
+        out = ours(batch["input_ids"], batch["attention_mask"], media_inputs=media_inputs(batch, True))
+    diff = masked_max_diff(out, ref, batch["attention_mask"])
+    print(f"audio-in-video, thinker + our towers, fp32 logits max diff vs HF: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("rows, use_audio_in_video", [([MIXED[1], MIXED[3], MIXED[4], MIXED[0]], False),
+                                                      (AIV_ROWS[:2], True)], ids=["media", "audio_in_video"])
+def test_greedy_generate_with_our_towers_matches_hf(with_towers, rows, use_audio_in_video):
+    hf, ours = with_towers
+    batch = media_batch(rows, seed=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        ref = hf.thinker.generate(**batch, use_audio_in_video=use_audio_in_video, max_new_tokens=4,
+                                  min_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+        tokens, _ = generate(ours, ids, mask, 4, eos_ids=[ours.cfg.vocab_size + 1], pad_id=0,
+                             media_inputs=media_inputs(batch, use_audio_in_video))
+    assert torch.equal(tokens, ref[:, ids.shape[1]:])
+
+
+def _tower_lora_names(model):
+    return [n for n, _ in lora_parameters(model) if n.startswith(("audio_tower.", "visual."))]
+
+
+def _randomize_lora_B_(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora_parameters(model):
+            if name.endswith("B"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("freeze_vit, freeze_aligner", [(False, True), (True, False), (False, False)])
+def test_lora_on_the_towers_changes_their_outputs_only_with_lora_on(omni_saved, freeze_vit, freeze_aligner):
+    """--freeze_vit / --freeze_aligner false: LoRA on the towers' linear layers (ms-swift's split);
+    the teacher (LoRA off) sees the base towers' outputs, the student others, and the gradient
+    reaches the towers' LoRA. By default the towers get none."""
+    _, path = omni_saved
+    batch = media_batch(MIXED)
+    mi = media_inputs(batch)
+    base = load_thinker(path, dtype=torch.float32, towers=True)
+    assert not _tower_lora_names(inject_lora(base, rank=4, alpha=8, dropout=0.0) and base)
+    with torch.no_grad():
+        want = base.encode_media(mi)
+    model = load_thinker(path, dtype=torch.float32, towers=True)
+    summary = inject_lora(model, rank=4, alpha=8, dropout=0.0, freeze_vit=freeze_vit, freeze_aligner=freeze_aligner)
+    parts = tuple(part for part, frozen in (("vit", freeze_vit), ("aligner", freeze_aligner)) if not frozen)
+    assert summary.targets[-len(parts):] == parts
+    names = _tower_lora_names(model)
+    aligner = [n for n in names if n.startswith(("audio_tower.proj", "visual.merger"))]
+    assert bool(aligner) == (not freeze_aligner) and (len(aligner) < len(names)) == (not freeze_vit)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora" not in n)
+    _randomize_lora_B_(model)
+    with torch.no_grad():
+        on = model.encode_media(mi)
+        with lora_disabled(model):
+            off = model.encode_media(mi)
+    for w, a, b in zip(want, off, on):
+        assert torch.equal(w.embeds, a.embeds) and all(map(torch.equal, w.deepstack, a.deepstack))
+        assert (b.embeds - a.embeds).abs().max() > 1e-3, b.modality
+    model.train()
+    model(batch["input_ids"], batch["attention_mask"], media_inputs=mi).square().mean().backward()
+    grads = {n: p.grad for n, p in lora_parameters(model) if n in names}
+    assert all(g is not None and g.abs().max() > 0 for g in grads.values())
+
+
+def test_peft_loads_our_tower_lora_and_matches_logits(omni_saved, tmp_path):
+    """The adapter keeps PEFT's names for transformers' thinker (base_model.model.model.audio_tower...,
+    ...model.visual...): PEFT wraps exactly our modules and gives our logits on a media batch."""
+    from peft import PeftModel
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from lora import LoRALinear, _hf_name
+
+    _, path = omni_saved
+    model = load_thinker(path, dtype=torch.float32, towers=True)
+    inject_lora(model, rank=4, alpha=8, dropout=0.0, targets="ALL", freeze_vit=False, freeze_aligner=False)
+    _randomize_lora_B_(model, seed=1)
+    save_adapter(model, str(tmp_path))
+    thinker = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).thinker
+    peft = PeftModel.from_pretrained(thinker, str(tmp_path)).eval()
+    wrapped = {n.removeprefix("base_model.model.") for n, m in peft.named_modules()
+               if hasattr(m, "lora_A") and "experts" not in n}
+    assert wrapped == {_hf_name(n) for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    batch = media_batch(MIXED)
+    with torch.no_grad():
+        ref = peft(**batch).logits
+        out = model.eval()(batch["input_ids"], batch["attention_mask"], media_inputs=media_inputs(batch))
+    assert masked_max_diff(out, ref, batch["attention_mask"]) <= 1e-5
+
+
+def test_towers_under_zero3_with_two_processes(omni_saved, tmp_path):
+    """selfkd.build_student(towers=True) under ZeRO-3 on 2 CPU processes: the towers stream from
+    the released layout into the partitions and give HF's logits, while the two ranks' batches
+    hold different media (one rank text-only, then images vs audio + video). Then a training
+    step with LoRA on the towers and media on one rank only: no rank waits for a gather the other
+    never makes, and the audio tower's LoRA moves."""
+    hf, path = omni_saved
+    rounds = [("eval", [MIXED[1:], MIXED[:1] + [[("text", 4)]]]),
+              ("eval", [MIXED[1:2], [[("text", 2), audio(120), ("text", 1), ("video", (2, 4, 4), 0.5), ("text", 1)]]]),
+              ("train", [MIXED[3:4], MIXED[:1]])]
+    work, refs = [], []
+    for kind, per_rank in rounds:
+        batches = [media_batch(rows, seed=7) for rows in per_rank]
+        has_media = ["input_features" in b or "pixel_values" in b or "pixel_values_videos" in b for b in batches]
+        work.append((kind, [(b["input_ids"], b["attention_mask"], media_inputs(b) if m else None)
+                            for b, m in zip(batches, has_media)]))
+        if kind == "eval":
+            with torch.no_grad():
+                refs.append([(hf.thinker(**b).logits[..., ::VOCAB_STRIDE], b["attention_mask"]) for b in batches])
+    torch.save(work, tmp_path / "rounds.pt")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "tests", "zero3_omni.py"), path, str(tmp_path / "rounds.pt"),
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for (ref, mask), out in zip((r[rank] for r in refs), results):
+            diff = masked_max_diff(out, ref, mask)
+            print(f"ZeRO-3 rank {rank}: fp32 logits max diff vs HF {diff:.2e}")
+            assert diff <= 1e-5
+        assert results[-1] > 0  # the audio tower's LoRA B, zero before the step

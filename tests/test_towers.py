@@ -11,6 +11,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (Qwen3Omn
                                                                         Qwen3OmniMoeVisionEncoder,
                                                                         _get_feat_extract_output_lengths)
 
+from hf_models import unit_scale_
 from towers import AudioConfig, AudioEncoder, VisionConfig, VisionEncoder, audio_token_count
 
 # the tiny towers of shared/omni_tiny_hf.py (n_window_infer 200: 26-token attention windows)
@@ -26,23 +27,6 @@ CLIP_FRAMES = [250, 50, 1200]
 GRIDS = [[1, 4, 6], [1, 2, 2], [2, 4, 4]]
 
 
-def randomized(hf, seed):
-    """Weights at unit scale (std 1/sqrt(fan_in); HF's init std 0.02 leaves every GELU and softmax nearly
-    linear / uniform, where a wrong variant would hide), LayerNorm weights 1 + noise, every bias noise
-    (random init leaves them 1 / 0), so layout errors show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in n or "ln_" in n:
-                p.copy_((1.0 if n.endswith(".weight") else 0.0) + 0.1 * noise)
-            elif n.endswith(".bias"):
-                p.copy_(0.1 * noise)
-            else:  # pos_embed rows: unit scale, like the activations they are added to
-                p.copy_(noise / (p[0].numel() ** 0.5 if p.dim() > 1 and "pos_embed" not in n else 1.0))
-    return hf
-
-
 def hf_tower(cls, config, state=None, dtype=torch.float32, attn="eager"):
     """An HF tower built from its config class; `dtype` given at build time keeps its fp32 buffers
     (rotary inv_freq, sinusoid table) fp32, as from_pretrained(dtype=...) does."""
@@ -55,7 +39,7 @@ def hf_tower(cls, config, state=None, dtype=torch.float32, attn="eager"):
 
 @pytest.fixture(scope="module")
 def audio_pair():
-    hf = randomized(hf_tower(Qwen3OmniMoeAudioEncoder, Qwen3OmniMoeAudioEncoderConfig(**AUDIO)), seed=1)
+    hf = unit_scale_(hf_tower(Qwen3OmniMoeAudioEncoder, Qwen3OmniMoeAudioEncoderConfig(**AUDIO)), seed=1)
     ours = AudioEncoder(AudioConfig.from_dict(AUDIO, "AUDIO")).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
@@ -63,7 +47,7 @@ def audio_pair():
 
 @pytest.fixture(scope="module")
 def vision_pair():
-    hf = randomized(hf_tower(Qwen3OmniMoeVisionEncoder, Qwen3OmniMoeVisionEncoderConfig(**VISION)), seed=2)
+    hf = unit_scale_(hf_tower(Qwen3OmniMoeVisionEncoder, Qwen3OmniMoeVisionEncoderConfig(**VISION)), seed=2)
     ours = VisionEncoder(VisionConfig.from_dict(VISION, "VISION")).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf, ours
