@@ -210,7 +210,8 @@ def inject_lora(model: Thinker, rank: int = 8, alpha: float = 16, dropout: float
                      if tower_part(name) in tower_parts and type(m) is nn.Linear]
     for name, base in tower_linears:
         parent, child = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, LoRALinear(base, rank, alpha, dropout, generator).to(base.weight.device))
+        lora = LoRALinear(base, rank, alpha, dropout, generator).to(base.weight.device)
+        setattr(model.get_submodule(parent), child, lora)
         wrapped += 1
     if wrapped == 0:
         raise ValueError(f"--lora_target_modules {targets!r} matched no module of this model")

@@ -743,11 +743,13 @@ class Thinker(nn.Module):
         teacher's come from a call under lora_disabled.
 
         Under ZeRO-3 with several ranks every rank must make the same tower calls, because each call
-        gathers the tower's partitioned weights from all ranks. So there, every rank calls this for
-        every batch, also a text-only one (media None; `forward` does it by itself for a prompt that
-        comes without media): the ranks agree on the modalities any of them has, and a rank without
-        one runs that tower on a one-token stand-in whose output enters its result as a 0-row
-        MediaEmbeds (still tied to the graph, so backward gathers match too).
+        gathers the tower's partitioned weights from all ranks. So there, every rank calls this as
+        often as the others, also for a text-only batch (media None): the ranks agree on the
+        modalities any of them has, and a rank without one runs that tower on a one-token stand-in
+        whose output enters its result as a 0-row MediaEmbeds (still tied to the graph, so backward
+        gathers match too). `forward` calls it by itself for a prompt given neither `media` nor
+        `media_inputs`, so every rank may pass either media_inputs or nothing; a caller that runs
+        encode_media itself does so on every rank and passes its result (a list, [] for no media).
         """
         have = _present(media)
         run, device = have, None
@@ -845,7 +847,8 @@ class Thinker(nn.Module):
         audio-only batches keep position_ids None: 1-D positions from the mask, as transformers."""
         if media is None:
             media = self.encode_media(media_inputs)
-        if position_ids is None and (media_inputs.image_grid_thw is not None or media_inputs.video_grid_thw is not None):
+        if position_ids is None and (media_inputs.image_grid_thw is not None
+                                     or media_inputs.video_grid_thw is not None):
             position_ids = media_rope_index(input_ids, attention_mask, self.cfg, media_inputs)[0]
         return media, position_ids
 
@@ -862,7 +865,9 @@ class Thinker(nn.Module):
         encode_media's result reused for teacher and student), and `position_ids` [3, B, T], the
         MRoPE positions of the new tokens (float or int). Without position_ids, positions are 1-D
         from the mask: right for text and audio-only prompts, so image/video media require them.
-        position_ids [B, T] is accepted too (1-D RoPE at those positions)."""
+        position_ids [B, T] is accepted too (1-D RoPE at those positions). With towers partitioned
+        over several ZeRO-3 ranks, a prompt given neither media nor media_inputs still joins the
+        other ranks' tower calls (encode_media explains why)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if attention_mask is None:
@@ -1244,7 +1249,8 @@ def greedy(logits):
 
 @torch.no_grad()
 def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_ids, pad_id: int,
-             pick_next=greedy, all_done=None, media=None, position_ids=None, media_inputs: MediaInputs | None = None):
+             pick_next=greedy, all_done=None, media=None, position_ids=None,
+             media_inputs: MediaInputs | None = None):
     """KV-cache decoding from left-padded prompts [B, P].
 
     Media prompts: `media_inputs` (the prompts' MediaInputs; the towers run once, positions from

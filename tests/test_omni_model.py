@@ -640,6 +640,28 @@ def test_peft_loads_our_tower_lora_and_matches_logits(omni_saved, tmp_path):
     assert masked_max_diff(out, ref, batch["attention_mask"]) <= 1e-5
 
 
+def test_merged_export_with_tower_lora_loads_in_transformers(omni_saved, tmp_path):
+    """export_merged folds the towers' LoRA into their weights (the base's tower tensors are not
+    carried over as well): transformers loads the result and gives our LoRA-on logits."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    from lora import export_merged
+    from model_qwen3omni import _shard_map
+
+    _, path = omni_saved
+    model = load_thinker(path, dtype=torch.float32, towers=True)
+    inject_lora(model, rank=4, alpha=8, dropout=0.0, freeze_vit=False, freeze_aligner=False)
+    _randomize_lora_B_(model, seed=2)
+    export_merged(model, str(tmp_path), dtype=torch.float32, base_path=path)
+    assert set(_shard_map(str(tmp_path))) == set(_shard_map(path))  # every tensor once
+    exported = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32).thinker
+    batch = media_batch(MIXED)
+    with torch.no_grad():
+        ref = exported.eval()(**batch).logits
+        out = model.eval()(batch["input_ids"], batch["attention_mask"], media_inputs=media_inputs(batch))
+    assert masked_max_diff(out, ref, batch["attention_mask"]) <= 1e-5
+
+
 def test_towers_under_zero3_with_two_processes(omni_saved, tmp_path):
     """selfkd.build_student(towers=True) under ZeRO-3 on 2 CPU processes: the towers stream from
     the released layout into the partitions and give HF's logits, while the two ranks' batches

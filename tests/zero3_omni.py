@@ -7,8 +7,9 @@ released layout straight into this rank's partition), then the rounds of tests/t
 
 ROUNDS_FILE (torch.save) holds, per round and per rank, (input_ids, attention_mask, MediaInputs | None).
 Rounds marked "train" run forward + backward + an optimizer step with LoRA on the towers; the others
-save their fp32 logits (every VOCAB_STRIDE-th) to OUT_DIR/rank{r}.pt. The ranks' batches differ in their media on purpose (one
-rank text-only while the other has images, audio and video): the towers' gathers must still match.
+save their fp32 logits (every VOCAB_STRIDE-th) to OUT_DIR/rank{r}.pt. The ranks' batches differ in
+their media on purpose (one rank text-only while the other has images, audio and video): the towers'
+gathers must still match.
 """
 import os
 import sys
