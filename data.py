@@ -997,13 +997,15 @@ def encode_example(
 
 def tokens_needed(tok: ChatTokenizer, ex: Example, completion_tokens: int) -> tuple[str, int]:
     """(which prompt, in words; the max_length it needs) for a row whose final user turn does not
-    fit: the longer of the student's and the teacher's final turns, plus the completion."""
+    fit: the longer of the student's and the teacher's final turns, plus the completion. The
+    teacher's is the student's plus its context, so only the longer one is tokenized."""
     def final_turn(messages):
         return len(_encode_turns(tok, messages[-1:], ex.media, add_generation_prompt=True)[0])
 
-    student, teacher = final_turn(ex.student_messages), final_turn(ex.teacher_messages)
-    if student >= teacher:
+    if ex.teacher_messages[-1] == ex.student_messages[-1]:
+        student = final_turn(ex.student_messages)
         return f"the final user turn ({student} tokens)", student + completion_tokens
+    teacher = final_turn(ex.teacher_messages)
     reference = REFERENCE_WRAPPER.format(reference=ex.completion) in ex.teacher_messages[-1]["content"]
     extra = ("with the reference answer that --teacher_sees_reference shows it" if reference
              else "with its privileged context")

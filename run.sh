@@ -6,21 +6,52 @@
 #       layout (written once to .cache/), the bundled sample dataset with teacher context,
 #       2 processes with ZeRO-3 on CPU (gloo) when there is no GPU, every local GPU otherwise.
 #   MODEL=/path/to/Qwen3-Omni-30B-A3B-Instruct [DATASET='data.jsonl#2000'] bash run.sh
-#       The seed's configuration (the ms-swift flags of its gkd.sh) on every local GPU.
-#   bash run.sh --max_steps 10 ...            extra arguments pass through to selfkd.py
+#       The released model with the ms-swift GKD configuration (gkd.sh's flags) on every local GPU.
+#   bash run.sh --max_steps 10 ...            extra arguments pass through to selfkd.py (a user's own
+#                                             --max_steps / --num_train_epochs replaces the default's 40 steps)
+#   bash run.sh --help                        every flag and command
+#   bash run.sh check [flags]                 validate flags, model and data for this launch; start nothing
+#   bash run.sh evaluate|generate|export|curve ...   after training, in one process (see --help)
 #   HOSTFILE=/path/hostfile MODEL=... bash run.sh   multi-node through DeepSpeed's launcher
 #   NPROC=4 bash run.sh                       override the number of processes on this node
+#
+# Bad flags, a bad model directory or bad data stop before any rank starts: one line
+# `selfkd: error: ...`, exit code 2. Ctrl-C: exit 130 naming the last checkpoint; SIGTERM: a
+# checkpoint at the next step boundary, exit 143. Both continue with --resume_from_checkpoint latest.
 set -euo pipefail
 cd "$(dirname "$0")"
+export SELFKD_RUN_SH=1  # selfkd's closing lines then suggest `bash run.sh ...` commands
 
-# Python with the runtime dependencies: the project's venv, created on first use.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, deepspeed, tokenizers, safetensors" 2>/dev/null; then
-    echo "run.sh: installing the runtime dependencies into .venv (once)"
+# Python with the runtime dependencies: the project's venv, created on first use. The check only
+# looks the packages up (importing deepspeed alone takes seconds).
+RUNTIME="torch deepspeed tokenizers safetensors numpy matplotlib"
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "
+import importlib.util, sys
+sys.exit(any(importlib.util.find_spec(m) is None for m in '$RUNTIME'.split()))" 2>/dev/null; then
+    started=$SECONDS
+    echo "run.sh: first run: installing the runtime dependencies ($RUNTIME) into .venv."
+    echo "run.sh: torch comes with its CUDA libraries (several GB to download), so this takes a few minutes."
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -r requirements.txt
+    # pip's own lines, one per package, so the wait is visible
+    .venv/bin/pip install --progress-bar off -r requirements.txt \
+        | { grep --line-buffered -E '^(Collecting|Successfully installed)' | sed -u 's/^/  pip: /' || true; }
+    echo "run.sh: .venv ready ($(du -sh .venv | cut -f1)) in $((SECONDS - started)) s"
 fi
 PY=.venv/bin/python
+
+# --help and the commands used after training: straight to selfkd.py, one process, no torchrun
+for arg in "$@"; do
+    case "$arg" in -h|--help) exec $PY selfkd.py "$@" ;; esac
+done
+case "${1:-}" in
+    evaluate|generate|export|curve) exec $PY selfkd.py "$@" ;;
+esac
+COMMAND=launch
+if [ "${1:-}" = check ]; then
+    COMMAND=check
+    shift
+fi
 
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -32,6 +63,12 @@ else
     NPROC=${NPROC:-$NGPU}
 fi
 
+# does the user choose the length of the run?
+USER_LENGTH=false
+for arg in "$@"; do
+    case "$arg" in --max_steps|--max_steps=*|--num_train_epochs|--num_train_epochs=*) USER_LENGTH=true ;; esac
+done
+
 if [ -z "${MODEL:-}" ]; then
     # tiny model: float32 on CPU, a learning rate that moves a random model in 40 steps
     ARGS=(--dataset "${DATASET:-data/sample_alpaca.jsonl}" --split_dataset_ratio 0.05
@@ -39,8 +76,9 @@ if [ -z "${MODEL:-}" ]; then
           --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules ALL
           --max_length 256 --max_completion_length 24 --lmbda 0.5 --temperature 2.0 --beta 0.5
           --teacher_sees_reference true --per_device_train_batch_size 4 --per_device_eval_batch_size 8
-          --learning_rate 3e-3 --warmup_ratio 0.05 --max_steps 40 --deepspeed zero3
+          --learning_rate 3e-3 --warmup_ratio 0.05 --deepspeed zero3
           --output_dir output/default --eval_steps 20 --save_steps 20 --save_total_limit 2 --logging_steps 5)
+    $USER_LENGTH || ARGS+=(--max_steps 40)
 else
     ARGS=(--rlhf_type gkd --model "$MODEL" --teacher_model "$MODEL"
           --train_type lora --torch_dtype bfloat16
@@ -56,6 +94,11 @@ else
 fi
 
 if [ -n "${HOSTFILE:-}" ]; then
+    # every rank of every node: the slots of the hostfile
+    WORLD=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); n += a[2]}} END {print n + 0}' "$HOSTFILE")
+    $PY selfkd.py check --nproc_per_node "$((WORLD > 0 ? WORLD : 1))" "${ARGS[@]}" "$@" >/dev/null
+    [ "$COMMAND" = check ] && exit 0
     exec .venv/bin/deepspeed --hostfile "$HOSTFILE" selfkd.py "${ARGS[@]}" "$@"
 fi
-exec $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" selfkd.py "${ARGS[@]}" "$@"
+# launch = check in this one process (a bad input: one line, exit 2), then torchrun on NPROC ranks
+exec $PY selfkd.py "$COMMAND" --nproc_per_node "$NPROC" "${ARGS[@]}" "$@"

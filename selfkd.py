@@ -12,7 +12,8 @@ The file reads top to bottom:
   3. DeepSpeed setup     deepspeed_config, init_distributed, build_student (loads into ZeRO-3 partitions)
   4. the training step   step_branch, micro_batches, gkd_loss_sums, train_step, evaluate
   5. checkpoints         save_checkpoint / load_checkpoint (atomic, safetensors + JSON)
-  6. the loop            train, main
+  6. the loop            plan_run (every cheap check), train, the run's log, metrics, signals
+  7. commands            main: train, launch, check, evaluate, generate, export, curve
 The loss is in loss.py (a readable spec and the fast kernels), decoding in model_qwen3omni.py.
 """
 
@@ -24,26 +25,31 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
+import signal
 import sys
 import time
+import traceback
 import warnings
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 
 from data import (Batch, DataError, collate, encode_examples, join_prompt_completion, load_dataset_specs,
-                  load_tokenizer)
+                  load_tokenizer, render_chat)
 from loss import chunked_jsd_loss_sum, sft_loss_sum
-from lora import adapter_tensors, inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter
-from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_weights,
-                             resolve_dtype, sample_next)
-from tiny import ensure_default_model
+from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged, inject_lora,
+                  load_adapter, lora_disabled, lora_parameters, write_adapter)
+from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_thinker,
+                             load_weights, resolve_dtype, sample_next)
+from tiny import DEFAULT_MODEL_DIR, ensure_default_model
 
 # ----------------------------------------------------------------------------------------------
 # 1. Config / flags
@@ -59,7 +65,9 @@ class TrainingAborted(RuntimeError):
 
 
 def fail(msg: str, code: int = 2) -> NoReturn:
-    print(f"selfkd: error: {msg}", file=sys.stderr)
+    """One line on stderr (from rank 0 only, when several ranks run) and exit `code`."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"selfkd: error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -218,7 +226,14 @@ class Config:
     save_total_limit: int | None = _flag(
         None, "keep at most N checkpoints (None = keep all)", type=parse_optional_int
     )
-    logging_steps: int = _flag(5, "log every N optimizer steps")
+    logging_steps: int = _flag(
+        5, "print a progress line every N optimizer steps (averages over those steps); metrics.jsonl "
+        "gets every step"
+    )
+    report_to: str = _flag(
+        "none", "also send the metrics to: none, or tensorboard (torch's SummaryWriter into "
+        "<output_dir>/runs; needs the tensorboard package)", choices=("none", "tensorboard")
+    )
     save_only_model: bool = _flag(
         False, "true: write only the LoRA adapter; false: also the AdamW state (fp32 master weights "
         "and moments), so that --resume_from_checkpoint continues exactly (the learning rate, data "
@@ -244,6 +259,10 @@ class Config:
         return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flag defaults shown, the description's line breaks kept."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors raise ConfigError instead of printing usage and exiting."""
 
@@ -254,9 +273,10 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> _Parser:
     parser = _Parser(
         prog="selfkd",
-        description="GKD LoRA self-distillation (teacher = base model with LoRA off).",
+        usage=USAGE,
+        description=DESCRIPTION,
         allow_abbrev=False,  # '--lr' must not silently mean '--lr_scheduler_type'
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     for f in fields(Config):
         meta = f.metadata
@@ -901,10 +921,24 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (peak RSS)
 
 
-def progress_line(step: int, total: int, m: dict) -> str:
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=int(round(max(0.0, seconds)))))
+
+
+def progress_line(step: int, total: int, window: list[dict], elapsed: float, eta: float) -> str:
+    """One line per logging window: loss, tokens/s and samples/s averaged over the window's steps,
+    the learning rate now, where the window's completions came from, elapsed time and ETA."""
     done = int(20 * step / total)
-    return (f"[{'#' * done}{'.' * (20 - done)}] step {step}/{total}  loss {m['loss']:.5f}  lr {m['lr']:.2e}  "
-            f"tok/s {m['tokens_per_s']:.0f}  samples/s {m['samples_per_s']:.2f}  branch={m['branch']}")
+    loss = sum(m["loss"] for m in window) / len(window)
+    seconds = max(sum(m["step_seconds"] for m in window), 1e-9)
+    tokens = sum(m["completion_tokens"] for m in window)
+    samples = sum(m["samples_per_s"] * m["step_seconds"] for m in window)
+    branches = Counter(m["branch"] for m in window)
+    branch = next(iter(branches)) if len(branches) == 1 else ", ".join(f"{b} {n}" for b, n in branches.items())
+    average = f" (avg of {len(window)})" if len(window) > 1 else ""
+    return (f"[{'#' * done}{'.' * (20 - done)}] step {step}/{total}  loss {loss:.5f}{average}  "
+            f"lr {window[-1]['lr']:.2e}  tok/s {tokens / seconds:.0f}  samples/s {samples / seconds:.2f}  "
+            f"branch={branch}  elapsed {_clock(elapsed)}  eta {_clock(eta)}")
 
 
 def fixed_point_warning(teacher_differs: int, sft_alpha: float, resuming: bool) -> str | None:
@@ -920,16 +954,22 @@ def fixed_point_warning(teacher_differs: int, sft_alpha: float, resuming: bool) 
             "or resume from a trained adapter.")
 
 
-def prepare_output_dir(output_dir: str, resume_step: int | None, overwrite: bool) -> None:
-    """Rank 0, before training. A directory holding checkpoints belongs to another run: refuse it
-    unless resuming or told to overwrite. On resume from step k, the checkpoints after k and the
-    metrics rows after k belong to the abandoned continuation of that run: drop them, so that
-    they can neither be mixed with this run's nor rotated in place of its checkpoints."""
+def refuse_output_dir(output_dir: str, resume_step: int | None, overwrite: bool) -> None:
+    """A directory holding checkpoints belongs to another run: refuse it unless resuming or told
+    to overwrite. Changes nothing (the launcher calls it before any rank starts)."""
     found = complete_checkpoints(output_dir)
     if resume_step is None and found and not overwrite:
         raise ConfigError(f"--output_dir {output_dir!r} already holds checkpoints ({found[-1][1]}); "
                           "continue that run with --resume_from_checkpoint latest, start over with "
                           "--overwrite_output_dir true, or choose another --output_dir")
+
+
+def prepare_output_dir(output_dir: str, resume_step: int | None, overwrite: bool) -> None:
+    """Rank 0, before training. refuse_output_dir, then: on resume from step k, the checkpoints
+    after k and the metrics rows after k belong to the abandoned continuation of that run: drop
+    them, so that they can neither be mixed with this run's nor rotated in place of its checkpoints."""
+    refuse_output_dir(output_dir, resume_step, overwrite)
+    found = complete_checkpoints(output_dir)
     newer = [path for step, path in found if resume_step is None or step > resume_step]
     for path in newer:
         shutil.rmtree(path)
@@ -943,60 +983,315 @@ def prepare_output_dir(output_dir: str, resume_step: int | None, overwrite: bool
         os.remove(os.path.join(output_dir, "latest"))
 
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE, LOG_FILE, CURVE_FILE, ARGS_FILE = "metrics.jsonl", "train.log", "curve.png", "args.json"
 # Per-step RNG seeds are seed * STEP_SEED_STRIDE + step * world + rank: a prime stride larger than
 # any step * world, so no two (seed, step, rank) triples share a dropout / sampling seed.
 STEP_SEED_STRIDE = 1_000_003
 
 
-def train(cfg: Config) -> str:
-    """Runs the whole job; returns the path of the final adapter."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+class RunLog:
+    """What the user reads: rank 0 prints it and appends it to <output_dir>/train.log; the other
+    ranks stay silent, so every message appears once whatever the process count."""
 
-    def log(msg: str):
-        if rank == 0:
-            print(msg, flush=True)
+    def __init__(self):
+        self.file = None
 
-    # Everything that can fail cheaply (paths, config, tokenizer, data) runs before deepspeed is
-    # imported and before the process group and the model exist: a bad input costs seconds.
-    dtype = resolve_dtype(cfg.torch_dtype)
+    @staticmethod
+    def rank() -> int:
+        return int(os.environ.get("RANK", 0))
+
+    def open(self, path: str, fresh: bool):
+        if self.rank() == 0:
+            self.file = open(path, "w" if fresh else "a", buffering=1)  # line-buffered
+            self.file.write(f"--- selfkd {'run' if fresh else 'resumed run'} started "
+                            f"{datetime.now().isoformat(timespec='seconds')}: {' '.join(sys.argv)}\n")
+
+    def __call__(self, msg: str, file=None, screen: bool = True):
+        if self.rank() != 0:
+            return
+        if screen:
+            print(msg, file=file or sys.stdout, flush=True)
+        if self.file is not None:
+            self.file.write(msg + "\n")
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+LOG = RunLog()
+# Where a run is, for the messages of an interrupted or stopped run.
+RUN = {"step": None, "last_save": None, "total": None}
+
+
+# --- signals ----------------------------------------------------------------------------------
+# Ctrl-C (SIGINT, to the launcher, which passes it on, or to every rank) stops at once: every
+# rank raises KeyboardInterrupt, rank 0 prints one line naming the last complete checkpoint,
+# all exit 130. SIGTERM (what a cluster sends before pre-emption) only sets a flag; the ranks
+# agree on it at the next step boundary (one all-reduce per step), save a checkpoint there and
+# exit 143.
+
+
+class Stopped(Exception):
+    """Raised on every rank after the SIGTERM checkpoint is saved."""
+
+    def __init__(self, code: int):
+        super().__init__(f"stopped with exit code {code}")
+        self.code = code
+
+
+class _Signals:
+    sigint = False
+    sigterm = False
+    quiet = False  # on the way out: a later signal only sets its flag
+
+
+def _on_sigint(signum, frame):
+    first = not _Signals.sigint
+    _Signals.sigint = True
+    if first and not _Signals.quiet:
+        raise KeyboardInterrupt
+
+
+def _on_sigterm(signum, frame):
+    _Signals.sigterm = True
+
+
+def stop_requested(device) -> bool:
+    """Whether any rank has received SIGTERM (a collective: every rank calls it at the same step)."""
+    return all_reduce_sum(1.0 if _Signals.sigterm else 0.0, device) > 0
+
+
+# --- what the user is told about the data and the run -------------------------------------------
+
+REASON_WORDS = {
+    "malformed_json": "malformed JSON", "invalid_utf8": "invalid UTF-8", "wrong_type": "wrong type",
+    "missing_field": "missing field", "empty_completion": "empty completion", "unknown_format": "unknown format",
+    "bad_conversation": "bad conversation", "skipped_prompt_too_long": "prompt does not fit --max_length",
+    "completion_truncated": "completion", "student_prompt_truncated": "student prompt",
+    "teacher_prompt_truncated": "teacher prompt",
+}
+
+
+def in_words(counts: dict) -> str:
+    """{'malformed_json': 2, 'wrong_type': 1} -> 'malformed JSON 2, wrong type 1' ('none' if empty)."""
+    return ", ".join(f"{REASON_WORDS.get(k, k.replace('_', ' '))} {v}" for k, v in counts.items() if v) or "none"
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, worked out before any process group or model exists."""
+    tok: object
+    encoded: list
+    encoded_eval: list
+    data_stats: dict
+    truncated: Counter  # rows cut to fit, train + eval, by kind
+    too_long: list  # (source, which prompt, tokens needed) of the rows that could not fit
+    per_step: int
+    steps_per_epoch: int
+    total: int
+    resume_path: str | None
+    resume_step: int | None
+
+
+def check_model_files(path: str) -> None:
+    """Every shard the checkpoint lists is there and its header reads (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from model_qwen3omni import _shard_map
+
+    for shard in sorted(set(_shard_map(path).values())):
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(f"shard {shard!r} is listed in the index but does not exist")
+        try:
+            with safe_open(shard, framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"shard {shard!r} cannot be read: {err}") from err
+
+
+def plan_run(cfg: Config, world: int) -> RunPlan:
+    """Every check that needs no process group and no model weights: the model directory, the
+    tokenizer, the whole dataset (read and tokenized), the step count, the output directory.
+    The launcher (`selfkd launch`, run.sh) runs it once in one process before starting the
+    ranks, so a bad input gives one line and exit code 2; each rank runs it again."""
+    resolve_dtype(cfg.torch_dtype)
     if cfg.model is None:
+        if not os.path.isfile(os.path.join(DEFAULT_MODEL_DIR, "model.safetensors.index.json")):
+            LOG(f"writing the embedded default model (a tiny random Qwen3-Omni) to {DEFAULT_MODEL_DIR} (once)")
         cfg.model = ensure_default_model()  # atomic: safe when every rank calls it
     ThinkerConfig.from_pretrained(cfg.model)
+    check_model_files(cfg.model)
     check_writable(cfg.output_dir)
     resume_path = resolve_resume(cfg)
     tok = load_tokenizer(cfg.model)
     train_rows, eval_rows, data_stats = load_dataset_specs(
         cfg.dataset, cfg.seed, cfg.split_dataset_ratio, teacher_system=cfg.teacher_system,
         teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows)
-    encoded, enc_stats = encode_examples(tok, train_rows, cfg.max_length, cfg.max_completion_length)
-    encoded_eval = encode_examples(tok, eval_rows, cfg.max_length, cfg.max_completion_length)[0] if eval_rows else []
-    for bad in data_stats["bad_rows"]:
-        log(f"skipped row: {bad}")  # --skip_bad_rows: every skipped row is named, none silently
+    too_long = []
+    encoded, truncated = encode_examples(tok, train_rows, cfg.max_length, cfg.max_completion_length, skipped=too_long)
+    encoded_eval = []
+    if eval_rows:
+        encoded_eval, eval_truncated = encode_examples(tok, eval_rows, cfg.max_length, cfg.max_completion_length,
+                                                       skipped=too_long)
+        truncated = truncated + eval_truncated
+    truncated.pop("skipped_prompt_too_long", None)  # counted in too_long
     per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
     steps_per_epoch = len(encoded) // per_step
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(encoded)} training rows cannot fill one step of {per_step} rows "
+        dropped = f" ({len(too_long)} rows did not fit --max_length {cfg.max_length})" if too_long else ""
+        raise ConfigError(f"{len(encoded)} training rows{dropped} cannot fill one step of {per_step} rows "
                           f"(batch size {cfg.per_device_train_batch_size} x {world} processes x gradient "
                           f"accumulation {cfg.gradient_accumulation_steps}); use a smaller "
-                          "--per_device_train_batch_size, fewer processes, or more rows")
+                          "--per_device_train_batch_size, fewer processes (NPROC=1 bash run.sh), or more rows")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
     resume_step = None
     if resume_path:
         with open(os.path.join(resume_path, STATE_FILE)) as f:
             resume_step = json.load(f)["step"]
+    refuse_output_dir(cfg.output_dir, resume_step, cfg.overwrite_output_dir)
+    if cfg.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(f"--report_to tensorboard: cannot import torch's SummaryWriter ({err}); "
+                              "install it with `.venv/bin/pip install tensorboard`, or use --report_to none "
+                              "(metrics.jsonl and curve.png are always written)") from err
+    return RunPlan(tok, encoded, encoded_eval, data_stats, truncated, too_long, per_step, steps_per_epoch, total,
+                   resume_path, resume_step)
+
+
+def data_report(cfg: Config, plan: RunPlan) -> list[str]:
+    """The data line, then a WARNING for every kind of loss above 10% of the rows."""
+    stats = plan.data_stats
+    skipped = Counter(stats["rows_skipped"])
+    skipped["skipped_prompt_too_long"] = len(plan.too_long)
+    n_skipped = sum(skipped.values())
+    formats = ", ".join(f"{k} {v}" for k, v in stats["formats"].items())
+    lines = [f"data: {stats['rows_read']} rows read ({formats}); {len(plan.encoded)} train / "
+             f"{len(plan.encoded_eval)} eval; skipped: {f'{n_skipped} ({in_words(skipped)})' if n_skipped else 'none'}; "
+             f"truncated: {in_words(plan.truncated)}; {stats['teacher_differs']} train rows give the teacher "
+             "privileged context"]
+    bad = sum(stats["rows_skipped"].values())
+    if bad > 0.1 * stats["rows_read"]:
+        lines.append(f"WARNING: {bad} of {stats['rows_read']} rows ({bad / stats['rows_read']:.0%}) could not be "
+                     f"read and were skipped ({in_words(stats['rows_skipped'])}); see the 'skipped row' lines above")
+    encoded_rows = len(plan.encoded) + len(plan.encoded_eval)
+    considered = encoded_rows + len(plan.too_long)
+    if len(plan.too_long) > 0.1 * considered:
+        needs = sorted(need for _, _, need in plan.too_long)
+        lines.append(f"WARNING: {len(plan.too_long)} of {considered} rows ({len(plan.too_long) / considered:.0%}) were "
+                     f"skipped: the final user turn and the completion need {needs[0]} to {needs[-1]} tokens, more "
+                     f"than --max_length {cfg.max_length} (e.g. {plan.too_long[0][0]}: {plan.too_long[0][1]}); "
+                     f"--max_length {needs[-1]} keeps every row")
+    fixes = {"completion_truncated": f"completions cut to --max_completion_length {cfg.max_completion_length} "
+                                     "(a cut completion has no end of turn); raise it to keep whole answers",
+             "student_prompt_truncated": f"student prompts cut from the left (oldest turns first) to fit "
+                                         f"--max_length {cfg.max_length}; raise it to keep whole conversations",
+             "teacher_prompt_truncated": f"teacher prompts (with their privileged context) cut from the left to fit "
+                                         f"--max_length {cfg.max_length}; raise it to keep the whole context"}
+    for kind, n in plan.truncated.items():
+        if encoded_rows and n > 0.1 * encoded_rows:
+            lines.append(f"WARNING: {n} of {encoded_rows} rows ({n / encoded_rows:.0%}) had their {fixes[kind]}")
+    return lines
+
+
+def run_summary(eval_before, eval_after, losses: list[float], seconds: float, adapter: str, curve: str | None,
+                logging_steps: int) -> list[str]:
+    """The last lines of a run: what changed, where everything is, what to do with it."""
+    if eval_before is not None and eval_after is not None:
+        change = f" ({(eval_after - eval_before) / eval_before:+.0%})" if eval_before > 0 else ""
+        what = f"eval JSD {eval_before:.4f} -> {eval_after:.4f}{change}"
+    elif losses:
+        n = min(logging_steps, len(losses))
+        first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+        what = f"training loss {first:.4f} -> {last:.4f} (first and last {n} steps; no eval split)"
+    else:
+        what = "no step completed"
+    head = f"{what} in {seconds:.0f} s; adapter: {adapter}" + (f"; curve: {curve}" if curve else "")
+    cli = "bash run.sh" if os.environ.get("SELFKD_RUN_SH") else "python selfkd.py"
+    lines = [head + f"; load it with: {cli} generate --adapter {adapter} --prompts FILE",
+             f"  evaluate it: {cli} evaluate --adapter {adapter};  merge it into the base: "
+             f"{cli} export --adapter {adapter} --out DIR"]
+    if losses and max(abs(x) for x in losses) == 0.0 and (eval_after in (None, 0.0)):
+        lines.append("NOTHING WAS LEARNED: the loss was exactly 0 at every step, so the adapter is still the base "
+                     "model (student == teacher; see the WARNING at the start for the fixes)")
+    return lines
+
+
+def write_curve_quietly(output_dir: str) -> str | None:
+    """curve.png for the run so far; a failure to draw is reported, never fatal."""
+    try:
+        from curve import write_curve
+
+        return write_curve(output_dir)
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded
+        LOG(f"curve not written: {type(err).__name__}: {err}")
+        return None
+
+
+class MetricsSink:
+    """Rank 0: one JSON row per step (and per eval) in metrics.jsonl, and TensorBoard scalars
+    with --report_to tensorboard."""
+
+    def __init__(self, cfg: Config, rank: int):
+        self.path = os.path.join(cfg.output_dir, METRICS_FILE) if rank == 0 else None
+        self.tb = None
+        if rank == 0 and cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "runs"))
+
+    def __call__(self, row: dict):
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            step = row["step"]
+            for key in ("loss", "jsd", "lr", "grad_norm", "tokens_per_s", "eval_jsd"):
+                if key in row:
+                    self.tb.add_scalar(("eval/" if key == "eval_jsd" else "train/") + key, row[key], step)
+            if "branch" in row:
+                self.tb.add_scalar(f"train/loss_{row['branch']}", row["loss"], step)
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg: Config) -> str:
+    """Runs the whole job; returns the path of the final adapter."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    started = time.time()
+    log = LOG
+
+    # Everything that can fail cheaply (paths, config, tokenizer, data) runs before deepspeed is
+    # imported and before the process group and the model exist: a bad input costs seconds.
+    dtype = resolve_dtype(cfg.torch_dtype)
+    plan = plan_run(cfg, world)
+    tok, encoded, encoded_eval, total = plan.tok, plan.encoded, plan.encoded_eval, plan.total
+    resume_path, per_step = plan.resume_path, plan.per_step
+    RUN.update(step=plan.resume_step or 0, last_save=resume_path, total=total)
     if rank == 0:
-        prepare_output_dir(cfg.output_dir, resume_step, cfg.overwrite_output_dir)
-        with open(os.path.join(cfg.output_dir, "args.json"), "w") as f:
+        prepare_output_dir(cfg.output_dir, plan.resume_step, cfg.overwrite_output_dir)
+        with open(os.path.join(cfg.output_dir, ARGS_FILE), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
+    log.open(os.path.join(cfg.output_dir, LOG_FILE), fresh=plan.resume_step is None)
 
     log("selfkd: GKD LoRA self-distillation\n" + cfg.describe())
-    skipped = dict(data_stats["rows_skipped"]) or "none"
-    log(f"data: {data_stats['rows_read']} rows read ({', '.join(f'{k} {v}' for k, v in data_stats['formats'].items())}), "
-        f"skipped: {skipped}; {len(encoded)} train / {len(encoded_eval)} eval; "
-        f"{data_stats['teacher_differs']} train rows give the teacher privileged context; "
-        f"truncated: {', '.join(f'{k} {v}' for k, v in enc_stats.items()) or 'none'}")
-    log(f"world size {world}, {per_step} rows per optimizer step, {steps_per_epoch} steps per epoch, "
+    for bad in plan.data_stats["bad_rows"]:
+        log(f"skipped row: {bad}")  # --skip_bad_rows: every skipped row is named, none silently
+    for i, (source, side, need) in enumerate(plan.too_long):  # the first few on screen, all in the log
+        log(f"skipped row: {source}: {side} and the completion need {need} tokens > --max_length {cfg.max_length}",
+            screen=i < 5)
+    if len(plan.too_long) > 5:
+        log(f"... {len(plan.too_long) - 5} more skipped rows are listed in {os.path.join(cfg.output_dir, LOG_FILE)}")
+    for line in data_report(cfg, plan):
+        log(line)
+    log(f"world size {world}, {per_step} rows per optimizer step, {plan.steps_per_epoch} steps per epoch, "
         f"{total} steps")
 
     import deepspeed
@@ -1014,17 +1309,23 @@ def train(cfg: Config) -> str:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
 
     start = load_checkpoint(engine, resume_path, log)["step"] if resume_path else 0
-    warning = fixed_point_warning(data_stats["teacher_differs"], cfg.sft_alpha, resuming=resume_path is not None)
+    warning = fixed_point_warning(plan.data_stats["teacher_differs"], cfg.sft_alpha, resuming=resume_path is not None)
     if warning:
         log("\n" + "!" * 100 + "\nWARNING: " + warning + "\n" + "!" * 100 + "\n")
+    record = MetricsSink(cfg, rank)
 
     def eval_jsd() -> float:
         return evaluate(engine, encoded_eval, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta,
                         cfg.temperature, device)
 
+    eval_before = eval_after = eval_step = None
     if encoded_eval:
-        log(f"eval JSD per token before step {start + 1}: {eval_jsd():.6f}")
-    nonfinite_in_a_row, last_save = 0, resume_path
+        eval_before = eval_after = eval_jsd()
+        eval_step = start
+        log(f"eval JSD per token before step {start + 1}: {eval_before:.6f}")
+        record({"step": start, "eval_jsd": eval_before})
+    nonfinite_in_a_row, last_save, saved_at = 0, resume_path, start if resume_path else None
+    window, losses, loop_started = [], [], time.time()
     engine.train()
     for step in range(start, total):
         t0 = time.time()
@@ -1069,18 +1370,43 @@ def train(cfg: Config) -> str:
                  "peak_memory_gib": peak_memory_gib(device)}
             if step == start:
                 log(f"step {step + 1} loss: {m['loss']:.6f} ({branch} completions)")
-            if cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and encoded_eval:
-                m["eval_jsd"] = eval_jsd()
-            if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total or "eval_jsd" in m):
-                with open(os.path.join(cfg.output_dir, METRICS_FILE), "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                log(progress_line(step + 1, total, m) + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
+            if encoded_eval and ((step + 1) % cfg.eval_steps == 0 or step + 1 == total):  # always at the end
+                m["eval_jsd"] = eval_after = eval_jsd()
+                eval_step = step + 1
+            m["elapsed_s"] = time.time() - started
+            record(m)
+            window.append(m)
+            losses.append(m["loss"])
+            if (step + 1) % cfg.logging_steps == 0 or step + 1 == total or "eval_jsd" in m:
+                eta = (time.time() - loop_started) / (step + 1 - start) * (total - step - 1)
+                log(progress_line(step + 1, total, window, time.time() - started, eta)
+                    + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
+                window = []
         if (result is not None and (step + 1) % cfg.save_steps == 0) or step + 1 == total:  # always at the end
             last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1}, cfg.save_only_model,
                                         cfg.save_total_limit, log)
+            saved_at = step + 1
+        RUN.update(step=step + 1, last_save=last_save)
+        if stop_requested(device):  # SIGTERM on any rank: all of them stop here, after a save
+            if saved_at != step + 1:
+                last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1},
+                                            cfg.save_only_model, cfg.save_total_limit, log)
+                RUN.update(last_save=last_save)
+            log(f"selfkd: stopped by SIGTERM at step {step + 1} of {total}: saved {last_save}; resume with "
+                "--resume_from_checkpoint latest", file=sys.stderr)
+            if rank == 0:
+                write_curve_quietly(cfg.output_dir)
+            record.close()
+            raise Stopped(143)
     if encoded_eval:
-        log(f"final eval JSD per token: {eval_jsd():.6f}")
-    log(f"done: {total} steps; adapter: {last_save}")
+        if eval_step != total:  # the last step was skipped (non-finite)
+            eval_after = eval_jsd()
+        log(f"final eval JSD per token: {eval_after:.6f}")
+    record.close()
+    curve = write_curve_quietly(cfg.output_dir) if rank == 0 else None
+    for line in run_summary(eval_before, eval_after, losses, time.time() - started, last_save, curve,
+                            cfg.logging_steps):
+        log(line)
     # tear the process group down explicitly: left to interpreter exit, its background threads
     # can abort the process ("terminate called without an active exception") after a good run
     torch.distributed.barrier()
@@ -1099,23 +1425,460 @@ def check_writable(output_dir: str):
         raise ConfigError(f"--output_dir {output_dir!r} is not writable: {err}") from err
 
 
-def main(argv: list[str] | None = None):
-    """Bad input ends with one line `selfkd: error: ...` and exit code 2; a run that has to stop
-    (non-finite steps, a failed save) with exit code 1. No traceback as the only message."""
+# ----------------------------------------------------------------------------------------------
+# 7. Commands: train (the default), launch, check, evaluate, generate, export, curve
+# ----------------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "train": "train on this process, or on every rank of torchrun / the deepspeed launcher (the default)",
+    "launch": "check in one process, then train on --nproc_per_node N local processes (torchrun); exit "
+              "codes and messages as for one process",
+    "check": "validate flags, model directory and dataset and print the plan; start nothing",
+    "evaluate": "eval JSD per token on a dataset's held-out split, of the base and of --adapter",
+    "generate": "completions for the prompts in --prompts FILE, with --adapter (or the base without it)",
+    "export": "merge --adapter into the base and write the released checkpoint layout to --out DIR",
+    "curve": "write OUTPUT_DIR/curve.png from OUTPUT_DIR/metrics.jsonl (any run, also a running one)",
+}
+USAGE = """selfkd [train] [--flag value ...]
+       selfkd launch [--nproc_per_node N] [--flag value ...]
+       selfkd check [--nproc_per_node N] [--flag value ...]
+       selfkd evaluate [--adapter CHECKPOINT] [--flag value ...]
+       selfkd generate --prompts FILE [--adapter CHECKPOINT] [--max_new_tokens N] [--do_sample] [--out FILE.jsonl]
+       selfkd export --adapter CHECKPOINT --out DIR [--torch_dtype bfloat16|float32]
+       selfkd curve OUTPUT_DIR [--out FILE.png]"""
+DESCRIPTION = ("GKD LoRA self-distillation (teacher = base model with LoRA off).\n\ncommands:\n"
+               + "\n".join(f"  {name:<9} {text}" for name, text in COMMANDS.items())
+               + "\n\nevaluate, generate and export also take the training flags; with --adapter, every "
+                 "flag not given defaults to\nthe value the adapter was trained with (<output_dir>/args.json). "
+                 "--adapter takes a checkpoint directory or an\noutput directory (its newest checkpoint). "
+                 "`selfkd COMMAND --help` lists a command's own flags.")
+
+# the sub-commands' own flags: name -> argparse keywords
+COMMAND_FLAGS = {
+    "evaluate": {"--adapter": dict(help="checkpoint (or output directory) to evaluate; without it, only the base")},
+    "generate": {
+        "--adapter": dict(help="checkpoint (or output directory) whose adapter is on; without it, the base"),
+        "--prompts": dict(required=True, help="a text file with one prompt per line, or a JSON/JSONL file of rows "
+                                              "with 'prompt', alpaca 'instruction' (+ 'input', 'system') or "
+                                              "'messages' (a final assistant turn is dropped)"),
+        "--max_new_tokens": dict(type=int, default=None, help="tokens per completion; None: "
+                                                              "--max_completion_length"),
+        "--do_sample": dict(type=parse_bool, nargs="?", const=True, default=False, metavar="{true,false}",
+                            help="sample with --temperature/--top_k/--top_p/--seed; false: greedy decoding"),
+        "--out": dict(help="also write {prompt, completion, adapter} rows to this JSONL file"),
+    },
+    "export": {
+        "--adapter": dict(required=True, help="checkpoint (or output directory) to merge into the base"),
+        "--out": dict(required=True, help="new directory for the merged checkpoint (config.json records "
+                                          "--torch_dtype, the dtype written)"),
+    },
+}
+# training flags that describe where a run was, not what an adapter is: never taken from args.json
+_NOT_INHERITED = ("resume_from_checkpoint", "overwrite_output_dir", "deepspeed", "output_dir", "report_to")
+
+
+def resolve_adapter(path: str) -> str:
+    """A checkpoint directory, or an output directory -> its newest complete checkpoint."""
+    if os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        return path
+    found = complete_checkpoints(path)
+    if found:
+        return found[-1][1]
+    raise ConfigError(f"--adapter {path}: neither a checkpoint (no {ADAPTER_WEIGHTS}) nor an output directory "
+                      "holding checkpoints")
+
+
+def trained_with(adapter: str) -> dict:
+    """The training flags of the run that wrote `adapter` (its output directory's args.json), or {}."""
+    for where in (os.path.dirname(os.path.abspath(adapter)), adapter):
+        path = os.path.join(where, ARGS_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return {k: v for k, v in json.load(f).items() if k not in _NOT_INHERITED}
+    return {}
+
+
+def parse_command(command: str, argv: list[str]) -> tuple[Config, argparse.Namespace]:
+    """A sub-command's flags: its own, plus the training flags, which default to the adapter's run."""
+    usage = next(line.strip() for line in USAGE.splitlines() if f"selfkd {command}" in line)
+    if "-h" in argv or "--help" in argv:  # the command's own flags; the training flags are in `selfkd --help`
+        brief = _Parser(prog=f"selfkd {command}", usage=usage, description=f"{COMMANDS[command]}.",
+                        formatter_class=_HelpFormatter, epilog=DESCRIPTION.split("\n\n")[2].replace(
+                            " `selfkd COMMAND --help` lists a command's own flags.", " `selfkd --help` lists them."))
+        for flag, kwargs in COMMAND_FLAGS[command].items():
+            brief.add_argument(flag, **kwargs)
+        brief.print_help()
+        sys.exit(0)
+    parser = _build_parser()
+    parser.prog = f"selfkd {command}"
+    for flag, kwargs in COMMAND_FLAGS[command].items():
+        parser.add_argument(flag, **kwargs)
+    names = [flag[2:] for flag in COMMAND_FLAGS[command]]
+    given = _Parser(add_help=False)
+    given.add_argument("--adapter")
+    adapter = given.parse_known_args(argv)[0].adapter
+    if adapter is not None:
+        adapter = resolve_adapter(adapter)
+        known = {f.name for f in fields(Config)}
+        parser.set_defaults(**{k: v for k, v in trained_with(adapter).items() if k in known})
+    namespace, extras = parser.parse_known_args(argv)
+    if extras:
+        raise ConfigError(_unknown_flags_message(extras, parser))
+    values = vars(namespace)
+    values.pop("local_rank")
+    mine = argparse.Namespace(**{name: values.pop(name) for name in names})
+    mine.adapter = adapter
+    cfg = Config(**values)
+    if command != "evaluate" and not cfg.dataset:
+        cfg.dataset = ["(not used)"]
+    _validate(cfg)
+    if cfg.model is None:
+        cfg.model = ensure_default_model()
+    return cfg, mine
+
+
+def adapter_layout(adapter: str, cfg: Config | None = None) -> dict:
+    """Rank, alpha, targets and tower flags of an adapter: selfkd's extras in adapter_config.json,
+    else PEFT's own keys (an adapter PEFT wrote), the tower flags else the run's flags."""
+    with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
+        conf = json.load(f)
+    extra = conf.get("selfkd") or {}
+    targets = extra.get("targets")
+    if not targets:
+        text = conf.get("target_modules") or ""
+        text = " ".join(text) if isinstance(text, list) else text
+        targets = [t for t in ALL_TARGETS if t != "experts" and re.search(rf"\b{t}\b", text)]
+        targets += ["experts"] if conf.get("target_parameters") else []
+    return {"rank": int(conf["r"]), "alpha": float(conf["lora_alpha"]), "targets": ",".join(targets),
+            "freeze_vit": extra.get("freeze_vit", cfg.freeze_vit if cfg else True),
+            "freeze_aligner": extra.get("freeze_aligner", cfg.freeze_aligner if cfg else True)}
+
+
+def attach_adapter(model: Thinker, adapter: str, layout: dict | None = None) -> None:
+    """LoRA layers shaped as the adapter says, then its weights (PEFT layout)."""
+    layout = layout or adapter_layout(adapter)
+    inject_lora(model, rank=layout["rank"], alpha=layout["alpha"], dropout=0.0, targets=layout["targets"],
+                freeze_vit=layout["freeze_vit"], freeze_aligner=layout["freeze_aligner"])
+    load_adapter(model, adapter)
+
+
+def load_model(cfg: Config, adapter: str | None, dtype, device) -> Thinker:
+    """The base (with its towers when the adapter has LoRA in them), plus the adapter if given."""
+    layout = adapter_layout(adapter, cfg) if adapter else None
+    towers = layout is not None and not (layout["freeze_vit"] and layout["freeze_aligner"])
+    model = load_thinker(cfg.model, dtype=dtype, device=device, towers=towers)
+    if adapter:
+        attach_adapter(model, adapter, layout)
+    return model
+
+
+def _device():
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _PlainEngine:
+    """evaluate() and gkd_loss_sums() take a DeepSpeed engine: a plain model behind its two uses."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def evaluate_command(argv: list[str]) -> None:
+    cfg, own = parse_command("evaluate", argv)
+    tok = load_tokenizer(cfg.model)
+    train_rows, eval_rows, _ = load_dataset_specs(
+        cfg.dataset, cfg.seed, cfg.split_dataset_ratio, teacher_system=cfg.teacher_system,
+        teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows)
+    rows, which = (eval_rows, "held-out") if eval_rows else (train_rows, "(--split_dataset_ratio 0: all)")
+    encoded, _ = encode_examples(tok, rows, cfg.max_length, cfg.max_completion_length)
+    device = _device()
+    model = load_model(cfg, own.adapter, cfg.torch_dtype, device)
+    if not torch.distributed.is_initialized():  # evaluate() sums over ranks: a group of one
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    engine = _PlainEngine(model)
+
+    def jsd() -> float:
+        return evaluate(engine, encoded, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta, cfg.temperature,
+                        device)
+
+    with lora_disabled(model):
+        base = jsd()
+    line = f"eval JSD per token on {len(encoded)} {which} rows of {' '.join(cfg.dataset)}: base {base:.6f}"
+    if own.adapter:
+        tuned = jsd()
+        change = f" ({(tuned - base) / base:+.0%})" if base > 0 else ""
+        line += f", adapter {tuned:.6f}{change} ({own.adapter})"
+    print(line, flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """Chat messages ending with a user turn, from a text file (one prompt per line) or JSON/JSONL
+    rows: a string, {'prompt'}, alpaca {'instruction', 'input', 'system'} or {'messages'}."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--prompts {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not path.endswith((".json", ".jsonl")):
+        return [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
-        fail(str(err))
+        rows = json.loads(text) if path.endswith(".json") else [json.loads(line) for line in text.splitlines()
+                                                                   if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--prompts {path}: malformed JSON: {err}") from err
+    prompts = []
+    for i, row in enumerate(rows, 1):
+        if isinstance(row, str):
+            row = {"prompt": row}
+        if not isinstance(row, dict):
+            raise ConfigError(f"--prompts {path}: row {i}: expected a string or an object")
+        if isinstance(row.get("messages"), list):
+            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+            if messages and messages[-1]["role"] == "assistant":
+                messages = messages[:-1]
+        else:
+            user = row.get("prompt") or "\n".join(p for p in (row.get("instruction"), row.get("input")) if p)
+            if not user:
+                raise ConfigError(f"--prompts {path}: row {i}: no 'prompt', 'instruction' or 'messages'")
+            messages = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + \
+                [{"role": "user", "content": user}]
+        prompts.append(messages)
+    if not prompts:
+        raise ConfigError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def generate_command(argv: list[str]) -> None:
+    cfg, own = parse_command("generate", argv)
+    prompts = read_prompts(own.prompts)
+    tok = load_tokenizer(cfg.model)
+    device = _device()
+    model = load_model(cfg, own.adapter, cfg.torch_dtype, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    results = []
+    for first in range(0, len(prompts), cfg.per_device_eval_batch_size):
+        chunk = prompts[first:first + cfg.per_device_eval_batch_size]
+        encoded = [tok.encode(render_chat(messages, add_generation_prompt=True)) for messages in chunk]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.tensor([[tok.pad_id] * (width - len(e)) + e for e in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        completions, done = sample_completions(
+            model, ids, mask, generator, max_new_tokens=own.max_new_tokens or cfg.max_completion_length,
+            temperature=cfg.temperature if own.do_sample else 0.0, top_k=cfg.top_k, top_p=cfg.top_p,
+            eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False)
+        for messages, row, n in zip(chunk, completions.tolist(), done.sum(1).tolist()):
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            results.append({"prompt": messages, "completion": text, "adapter": own.adapter})
+            print(f"### {len(results)}: {messages[-1]['content']}\n{text}\n", flush=True)
+    if own.out:
+        with open(own.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+        print(f"{len(results)} completions ({'adapter ' + own.adapter if own.adapter else 'base model'}) "
+              f"written to {own.out}")
+
+
+def record_dtype(path: str, dtype: torch.dtype) -> None:
+    """config.json of an exported checkpoint names the dtype its tensors were written in."""
+    name = str(dtype).removeprefix("torch.")
+
+    def fix(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("torch_dtype", "dtype") and isinstance(value, str):
+                    node[key] = name
+                else:
+                    fix(value)
+        elif isinstance(node, list):
+            for value in node:
+                fix(value)
+
+    file = os.path.join(path, "config.json")
+    with open(file) as f:
+        config = json.load(f)
+    fix(config)
+    if "torch_dtype" not in config and "dtype" not in config:
+        config["torch_dtype"] = name
+    with open(file, "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def export_command(argv: list[str]) -> None:
+    cfg, own = parse_command("export", argv)
+    if os.path.exists(own.out) and (not os.path.isdir(own.out) or os.listdir(own.out)):
+        raise ConfigError(f"--out {own.out}: already exists and is not an empty directory; choose a new one")
+    dtype = resolve_dtype(cfg.torch_dtype)
+    model = load_model(cfg, own.adapter, dtype, "cpu")  # merged per tensor in fp32, written in dtype
+    export_merged(model, own.out, dtype=dtype, base_path=cfg.model)
+    record_dtype(own.out, dtype)
+    size = sum(os.path.getsize(os.path.join(own.out, n)) for n in os.listdir(own.out)) / 2**30
+    print(f"exported {own.out}: {cfg.model} + {own.adapter} merged, {str(dtype).removeprefix('torch.')}, "
+          f"{size:.2f} GiB (transformers: Qwen3OmniMoeForConditionalGeneration.from_pretrained({own.out!r}); "
+          f"selfkd: --model {own.out})", flush=True)
+
+
+def curve_command(argv: list[str]) -> None:
+    parser = _Parser(prog="selfkd curve", description=COMMANDS["curve"])
+    parser.add_argument("output_dir")
+    parser.add_argument("--out", help="the PNG to write (default: OUTPUT_DIR/curve.png)")
+    args = parser.parse_args(argv)
+    from curve import write_curve
+
+    print(f"curve: {write_curve(args.output_dir, args.out)}")
+
+
+def _nproc(argv: list[str]) -> tuple[int, list[str]]:
+    parser = _Parser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--nproc_per_node", type=int, default=None)
+    namespace, rest = parser.parse_known_args(argv)
+    nproc = namespace.nproc_per_node or torch.cuda.device_count() or 2
+    if nproc < 1:
+        raise ConfigError(f"--nproc_per_node {nproc}: must be >= 1")
+    return nproc, rest
+
+
+def check_command(argv: list[str]) -> None:
+    nproc, rest = _nproc(argv)
+    cfg = parse_args(rest)
+    plan = plan_run(cfg, nproc)
+    for line in data_report(cfg, plan):
+        print(line)
+    print(f"ok: model {cfg.model}, {plan.total} steps of {plan.per_step} rows on {nproc} processes "
+          f"({plan.steps_per_epoch} steps per epoch)" + (f", resuming from {plan.resume_path}" if plan.resume_path
+                                                          else ""))
+
+
+def launch_command(argv: list[str]) -> None:
+    """Check once here, then torchrun --standalone N ranks of `selfkd.py FLAGS` on this node.
+    torchrun's own reports (its log lines, the ChildFailedError traceback) are left out: the
+    ranks print selfkd's messages, and this process exits with the first failing rank's code
+    (or 128 + the signal that stopped the launcher, after the ranks have handled it)."""
+    nproc, rest = _nproc(argv)
+    plan_run(parse_args(rest), nproc)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_args, run as torchrun
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    # after SIGTERM, time for the ranks to finish the step and save before they are killed
+    timeout = int(os.environ.get("SELFKD_SHUTDOWN_TIMEOUT", "300"))
+    # the ranks run the script this process runs: selfkd.py, or a script that calls selfkd.main()
+    script = os.path.abspath(sys.argv[0] if sys.argv[0].endswith(".py") else __file__)
+    args = torchrun_args(["--standalone", f"--nproc_per_node={nproc}", f"--shutdown_timeout={timeout}", script,
+                          *rest])
+    try:
+        torchrun(args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode
+        if code < 0:  # killed by a signal no rank could report
+            fail(f"rank {rank} was killed by {signal.Signals(-code).name}", code=128 - code)
+        sys.exit(code)
+    except SignalException as err:
+        sys.exit(128 + int(err.sigval))
+
+
+def _interrupted_message() -> str:
+    if RUN["step"] is None:
+        return "interrupted before training started; nothing was saved"
+    where = (f"last complete checkpoint: {RUN['last_save']}; resume with --resume_from_checkpoint latest"
+             if RUN["last_save"] else "no checkpoint saved yet, so nothing to resume from")
+    return f"interrupted at step {RUN['step']}; {where}"
+
+
+def _is_communication_error(err: BaseException) -> bool:
+    return isinstance(err, getattr(torch.distributed, "DistError", ())) or (
+        isinstance(err, RuntimeError) and any(w in str(err) for w in ("Gloo", "gloo", "NCCL", "Connection closed",
+                                                                         "Connection reset", "peer")))
+
+
+def _exit_after(err: BaseException) -> NoReturn:
+    """The end of a rank that did not finish: one message from rank 0, the same exit code from
+    every rank, no traceback unless the error is a bug."""
+    _Signals.quiet = True
+    try:
+        time.sleep(0.1)  # a signal that is already on its way sets its flag now (it raises no more)
+    except KeyboardInterrupt:
+        pass
+    message, code = None, 1
+    if isinstance(err, Stopped):
+        code = err.code
+    elif _Signals.sigint or isinstance(err, KeyboardInterrupt):
+        message, code = "selfkd: " + _interrupted_message(), 130
+    elif isinstance(err, (ConfigError, DataError)):
+        message, code = f"selfkd: error: {err}", 2
+    elif isinstance(err, TrainingAborted):
+        message = f"selfkd: error: {err}"
+    elif _Signals.sigterm:
+        message, code = (f"selfkd: stopped by SIGTERM at step {RUN['step']} before a checkpoint could be written "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); last complete "
+                         f"checkpoint: {RUN['last_save'] or 'none'}"), 143
+    elif _is_communication_error(err):
+        message = (f"selfkd: error: lost contact with another rank ({str(err).splitlines()[0]}); last complete "
+                   f"checkpoint: {RUN['last_save'] or 'none'}")
+    elif isinstance(err, (FileNotFoundError, KeyError, ValueError, OSError)):  # bad model files or paths
+        message, code = f"selfkd: error: {type(err).__name__}: {err}", 2
+    else:  # a bug: every rank shows where
+        traceback.print_exception(err)
+    if message:
+        LOG(message, file=sys.stderr)
+    LOG.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if torch.distributed.is_initialized():
+        if isinstance(err, Stopped):  # every rank is here and healthy
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        else:  # a peer may be gone: leave without waiting for gloo / NCCL to notice
+            os._exit(code)
+    sys.exit(code)
+
+
+def train_command(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if LOG.rank() != 0:  # rank 0 speaks for all (libraries print once per rank otherwise); errors stay on stderr
+        sys.stdout = open(os.devnull, "w")
+    try:
+        cfg = parse_args(argv)
+        train(cfg)
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - every way out is reported once, with one exit code
+        _exit_after(err)
+    LOG.close()
+
+
+def main(argv: list[str] | None = None):
+    """`selfkd [COMMAND] FLAGS`. Bad input ends with one line `selfkd: error: ...` and exit code
+    2; a run that has to stop (non-finite steps, a failed save) with exit code 1; Ctrl-C with 130
+    and SIGTERM (after a checkpoint) with 143. No traceback as the only message."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call floods the log
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)", category=FutureWarning)
+    if command == "train":
+        return train_command(argv)
+    run = {"launch": launch_command, "check": check_command, "evaluate": evaluate_command,
+           "generate": generate_command, "export": export_command, "curve": curve_command}[command]
     try:
-        train(cfg)
+        run(argv)
+    except KeyboardInterrupt:
+        print("selfkd: interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ConfigError, DataError) as err:
         fail(str(err))
     except (FileNotFoundError, KeyError, ValueError, OSError) as err:  # bad model files or paths
         fail(f"{type(err).__name__}: {err}")
-    except TrainingAborted as err:
-        fail(str(err), code=1)
 
 
 if __name__ == "__main__":

@@ -86,8 +86,10 @@ def test_bad_rows_are_counted_and_named_when_skipping(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert re.search(r"skipped row: .*mixed\.jsonl:6", out) and re.search(r"skipped row: .*mixed\.jsonl:7", out)
-    assert re.search(r"skipped: \{.*\}", out)
-    assert re.search(r"truncated: .*1", out)  # the 10 MB row could not fit and is counted
+    # counted in words: the two broken rows, and the 10 MB row that cannot fit --max_length
+    assert re.search(r"skipped: 3 \(wrong type 1, malformed JSON 1, prompt does not fit --max_length 1\)", out), out
+    assert re.search(r"skipped row: .*mixed\.jsonl:5: the (teacher's )?final user turn \(.*\d+ tokens\) and the "
+                     r"completion need \d+ tokens > --max_length 128", out)
 
 
 # 2. bad model directories ----------------------------------------------------------------------
@@ -245,7 +247,7 @@ def test_a_safetensors_error_at_save_reaches_every_rank_and_leaves_no_debris(tin
     errors = [line for line in result.stderr.splitlines() if line.startswith("selfkd: error:")]
     assert errors and all(re.search(r"writing checkpoint .*checkpoint-2.* failed: SafetensorError.*"
                                     r"Previous checkpoints .* are intact", e) for e in errors), result.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["args.json", "checkpoint-1", "latest", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint-1", "latest", "metrics.jsonl", "train.log"]
     assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-1"
 
 
