@@ -96,8 +96,9 @@ fi
 if [ -n "${HOSTFILE:-}" ]; then
     # every rank of every node: the slots of the hostfile
     WORLD=$(awk '{for (i = 1; i <= NF; i++) if ($i ~ /^slots=/) {split($i, a, "="); n += a[2]}} END {print n + 0}' "$HOSTFILE")
-    $PY selfkd.py check --nproc_per_node "$((WORLD > 0 ? WORLD : 1))" "${ARGS[@]}" "$@" >/dev/null
-    [ "$COMMAND" = check ] && exit 0
+    WORLD=$((WORLD > 0 ? WORLD : 1))
+    [ "$COMMAND" = check ] && exec $PY selfkd.py check --nproc_per_node "$WORLD" "${ARGS[@]}" "$@"
+    $PY selfkd.py check --nproc_per_node "$WORLD" "${ARGS[@]}" "$@" >/dev/null
     exec .venv/bin/deepspeed --hostfile "$HOSTFILE" selfkd.py "${ARGS[@]}" "$@"
 fi
 # launch = check in this one process (a bad input: one line, exit 2), then torchrun on NPROC ranks

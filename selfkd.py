@@ -1671,8 +1671,10 @@ def generate_command(argv: list[str]) -> None:
             eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False)
         for messages, row, n in zip(chunk, completions.tolist(), done.sum(1).tolist()):
             text = tok.decode(row[:n], skip_special_tokens=True)
-            results.append({"prompt": messages, "completion": text, "adapter": own.adapter})
-            print(f"### {len(results)}: {messages[-1]['content']}\n{text}\n", flush=True)
+            results.append({"prompt": messages, "completion": text, "completion_ids": row[:n], "adapter": own.adapter})
+            shown = text if text.strip() else (f"(no text: the tokenizer has none for these {n} token ids: "
+                                               f"{' '.join(map(str, row[:n]))})")
+            print(f"### {len(results)}: {messages[-1]['content']}\n{shown}\n", flush=True)
     if own.out:
         with open(own.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
@@ -1761,7 +1763,9 @@ def launch_command(argv: list[str]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import logging
 
-    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torch.distributed.elastic's loggers read it
+    # torchrun's own log lines: its loggers take their level from LOGLEVEL when created (the ranks
+    # inherit the variable; there it only sets the level of torch's elastic and fx-pass loggers)
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args as torchrun_args, run as torchrun
@@ -1769,6 +1773,7 @@ def launch_command(argv: list[str]) -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
     # after SIGTERM, time for the ranks to finish the step and save before they are killed
     timeout = int(os.environ.get("SELFKD_SHUTDOWN_TIMEOUT", "300"))
     # the ranks run the script this process runs: selfkd.py, or a script that calls selfkd.main()
