@@ -30,7 +30,7 @@ import importlib.util, sys
 sys.exit(any(importlib.util.find_spec(m) is None for m in '$RUNTIME'.split()))" 2>/dev/null; then
     started=$SECONDS
     echo "run.sh: first run: installing the runtime dependencies ($RUNTIME) into .venv."
-    echo "run.sh: torch comes with its CUDA libraries (several GB to download), so this takes a few minutes."
+    echo "run.sh: torch is the big one (about 1 GB, several GB with its CUDA libraries): a few minutes."
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip
     # pip's own lines, one per package, so the wait is visible
