@@ -1137,6 +1137,8 @@ def plan_run(cfg: Config, world: int) -> RunPlan:
                                                        skipped=too_long)
         truncated = truncated + eval_truncated
     truncated.pop("skipped_prompt_too_long", None)  # counted in too_long
+    # of the training rows that fit: those whose teacher prompt differs from the student's
+    data_stats["teacher_differs"] = sum(e.teacher_prompt_ids != e.student_prompt_ids for e in encoded)
     per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
     steps_per_epoch = len(encoded) // per_step
     if steps_per_epoch == 0:
