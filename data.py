@@ -50,7 +50,10 @@ Rules this module chooses (the README repeats them):
       [row `system`, run-wide `teacher_system`, row `teacher_system`]
   (the teacher sees the student's system prompt first, then its extra instructions);
   teacher final user turn = user text + "\n\n" + row `teacher_context`
-      + "\n\n" + REFERENCE_WRAPPER with the reference answer, if teacher_sees_reference.
+      + "\n\n" + REFERENCE_WRAPPER with the reference answer, if teacher_sees_reference;
+  with teacher_sees_transcript, each image/audio/video in the teacher's turns is replaced by
+  (or, "add", followed by) the row's caption / transcript text (MEDIA_AS_TEXT): the teacher
+  reads what the student hears and sees.
 * Truncation (encode_example): the completion (text + <|im_end|>) is cut to
   max_completion_length tokens; a cut completion keeps no <|im_end|>, so the model is never
   taught to stop mid-answer. Then each prompt (student and teacher alike) keeps its LAST
@@ -627,8 +630,56 @@ def _teacher_turns(row: dict, lists: dict | None, base_dir: str, source: str) ->
     return turns
 
 
+# How the teacher reads a media item it does not hear or see (--teacher_sees_transcript): the
+# row's `caption` (images, videos) or `transcript` (audio; a video's sound with use_audio_in_video).
+MEDIA_AS_TEXT = {"image": "(Image: {})", "video": "(Video: {})", "audio": "(Audio transcript: {})"}
+TEACHER_SEES_TRANSCRIPT = ("false", "true", "add")  # true: the text replaces the media; add: both
+
+
+def _media_as_text(turns: list[dict], caption, transcript, use_audio_in_video: bool, mode: str,
+                   source: str) -> list[dict]:
+    """The teacher's turns with each media item replaced by (mode "true") or followed by (mode
+    "add") the text of what it shows or says. Captions are taken in order by the pictures
+    (images and videos), transcripts by the sounds (audio clips, and videos' sound tracks when
+    use_audio_in_video): a list gives one per item, a string serves every item."""
+    texts = {"caption": caption, "transcript": transcript}
+    used = {"caption": 0, "transcript": 0}
+
+    def take(field_name: str, kind: str) -> str:
+        value = texts[field_name]
+        if isinstance(value, list):
+            if used[field_name] >= len(value):
+                raise DataError(f"{source}: --teacher_sees_transcript: the row has more {kind} items than "
+                                f"'{field_name}' entries ({len(value)})", "missing_field")
+            value = value[used[field_name]]
+        if value is None:
+            raise DataError(f"{source}: --teacher_sees_transcript: the row has {'an' if kind[0] in 'aeiou' else 'a'} "
+                            f"{kind} but no '{field_name}' field to show the teacher instead", "missing_field")
+        used[field_name] += 1
+        return value
+
+    out = []
+    for turn in turns:
+        if isinstance(turn["content"], str):
+            out.append(turn)
+            continue
+        parts = []
+        for part in turn["content"]:
+            if part["type"] == "text":
+                parts.append(part)
+                continue
+            kind = part["type"]
+            said = [MEDIA_AS_TEXT[kind].format(take("transcript" if kind == "audio" else "caption", kind))]
+            if kind == "video" and use_audio_in_video and transcript is not None:
+                said.append(MEDIA_AS_TEXT["audio"].format(take("transcript", "video's sound")))
+            parts += ([part] if mode == "add" else []) + [{"type": "text", "text": " ".join(said)}]
+        out.append({"role": turn["role"], "content": _joined(parts)})
+    return out
+
+
 def _parse_row(
-    row, source: str, teacher_system: str | None, teacher_sees_reference: bool, base_dir: str = "."
+    row, source: str, teacher_system: str | None, teacher_sees_reference: bool, base_dir: str = ".",
+    teacher_sees_transcript: str = "false",
 ) -> tuple[str, Example]:
     """(format name, Example) for one row; raises DataError naming the source. Media paths are
     joined to base_dir (the dataset file's folder); the media themselves are not read here."""
@@ -660,10 +711,13 @@ def _parse_row(
     row_teacher_system = _string_field(row, "teacher_system", source, required=False)
     teacher_context = _string_field(row, "teacher_context", source, required=False)
     reference = REFERENCE_WRAPPER.format(reference=completion) if teacher_sees_reference else None
+    caption, transcript = _texts_field(row, "caption", source), _texts_field(row, "transcript", source)
     base = _teacher_turns(row, lists, base_dir, source) or student
+    if teacher_sees_transcript != "false":
+        base = _media_as_text(base, caption, transcript, use_audio_in_video, teacher_sees_transcript, source)
     teacher = _teacher_messages(base, [teacher_system, row_teacher_system], [teacher_context, reference])
     return fmt, Example(student, teacher, completion, source, use_audio_in_video=use_audio_in_video,
-                        caption=_texts_field(row, "caption", source), transcript=_texts_field(row, "transcript", source))
+                        caption=caption, transcript=transcript)
 
 
 # --- media: read and preprocessed once -----------------------------------------------------
@@ -791,6 +845,7 @@ def load_dataset_specs(
     teacher_system: str | None = None,
     teacher_sees_reference: bool = False,
     skip_bad_rows: bool = False,
+    teacher_sees_transcript: str = "false",
 ) -> tuple[list[Example], list[Example], dict]:
     """Load 'path' / 'path#N' specs into (train, eval, stats).
 
@@ -817,7 +872,8 @@ def load_dataset_specs(
                 if isinstance(row, DataError):
                     raise row
                 fmt, example = _parse_row(row, f"{path}:{line}", teacher_system, teacher_sees_reference,
-                                          base_dir=os.path.dirname(path))
+                                          base_dir=os.path.dirname(path),
+                                          teacher_sees_transcript=teacher_sees_transcript)
             except DataError as error:
                 if not skip_bad_rows:
                     raise
@@ -1109,8 +1165,12 @@ def collate(encoded: list[EncodedExample], pad_id: int) -> Batch:
     student = _pad([e.student_prompt_ids for e in encoded], pad_id, left=True)
     teacher = _pad([e.teacher_prompt_ids for e in encoded], pad_id, left=True)
     completion = _pad([e.completion_ids for e in encoded], pad_id, left=False)
-    return Batch(*student, *teacher, *completion, media_inputs([e.student_media for e in encoded]),
-                 media_inputs([e.teacher_media for e in encoded]))
+    student_media = media_inputs([e.student_media for e in encoded])
+    # the same object when both prompts carry the same media, so the trainer can see at a glance
+    # that one pass of the (frozen) towers serves teacher and student
+    same = all(e.teacher_media == e.student_media for e in encoded)
+    teacher_media = student_media if same else media_inputs([e.teacher_media for e in encoded])
+    return Batch(*student, *teacher, *completion, student_media, teacher_media)
 
 
 def join_prompt_completion(

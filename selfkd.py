@@ -42,8 +42,8 @@ from typing import NoReturn
 import torch
 import torch.nn.functional as F
 
-from data import (Batch, DataError, collate, encode_examples, join_prompt_completion, load_dataset_specs,
-                  load_tokenizer, render_chat)
+from data import (TEACHER_SEES_TRANSCRIPT, Batch, DataError, collate, encode_examples, join_prompt_completion,
+                  load_dataset_specs, load_tokenizer, render_chat)
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged, inject_lora,
                   load_adapter, lora_disabled, lora_parameters, write_adapter)
@@ -172,6 +172,11 @@ class Config:
     )
     teacher_sees_reference: bool = _flag(
         False, "show the teacher the dataset's reference answer in its prompt (teacher only)"
+    )
+    teacher_sees_transcript: str = _flag(
+        "false", "media rows: the teacher reads the row's caption/transcript text instead of the "
+        "image/audio/video the student gets (true), or in addition to it (add): cross-modal distillation",
+        choices=TEACHER_SEES_TRANSCRIPT, type=lambda v: {"replace": "true"}.get(str(v).lower(), str(v).lower()),
     )
     skip_bad_rows: bool = _flag(
         False, "skip dataset rows that cannot be parsed or do not fit, instead of failing"
@@ -435,14 +440,14 @@ def parse_args(argv: list[str]) -> Config:
 
 
 def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_tokens: int, temperature: float,
-                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool):
+                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool, media_inputs=None):
     """Completions [B, C] and their mask (1 up to and including the first eos) sampled from the
     model as it is now (LoRA on: the student; inside lora_disabled: the teacher). `engine` is the
     DeepSpeed engine or a plain Thinker.
 
     Under ZeRO-3 every rank must make the same number of forward calls, so ranks agree on when
     all of them are done. With `gather` the weights are gathered once for the whole generation
-    instead of at every decode step."""
+    instead of at every decode step. `media_inputs`: the prompts' media (MediaInputs) or None."""
     model = getattr(engine, "module", engine)
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -461,7 +466,7 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
     try:
         with gathered_for_generation(engine, gather):
             return generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
-                            pick_next=pick, all_done=all_done)
+                            pick_next=pick, all_done=all_done, media_inputs=media_inputs)
     finally:
         model.train(was_training)
 
@@ -618,11 +623,36 @@ def micro_batches(encoded: list, step: int, seed: int, batch_size: int, accumula
     return [collate([encoded[i] for i in rows[start:start + batch_size]], pad_id) for start in starts]
 
 
-def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Final hidden states at the positions that predict each completion token: [B, C, H]."""
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, media=None,
+                      media_inputs=None):
+    """Final hidden states at the positions that predict each completion token: [B, C, H].
+    media / media_inputs: the prompt's tower outputs and MediaInputs (positions come from the
+    whole prompt + completion sequence), or None for text."""
     ids, mask, start = join_prompt_completion(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    hidden = model(ids, mask, return_hidden=True)  # [B, P + C, H]
+    hidden = model(ids, mask, return_hidden=True, media=media, media_inputs=media_inputs)  # [B, P + C, H]
     return hidden[:, start - 1:start - 1 + completion_ids.shape[1]]
+
+
+def tower_outputs(model, batch) -> tuple[list | None, list | None]:
+    """(teacher's, student's) tower outputs for a batch, or (None, None) for a model without towers.
+
+    The teacher's come from the towers with LoRA off, without gradient. With frozen towers and the
+    same media in both prompts (collate then hands one MediaInputs object to both), that one pass
+    serves the student as well: the outputs are identical. Otherwise (other media for the teacher,
+    or LoRA on the towers with --freeze_vit false) the student's get a pass of their own. Under
+    ZeRO-3 every rank must make the same tower calls (Thinker.encode_media), so the ranks agree on
+    whether any of them needs the second pass."""
+    if model.audio_tower is None and model.visual is None:
+        return None, None
+    towers_train = any(p.requires_grad for t in (model.audio_tower, model.visual) if t is not None
+                       for p in t.parameters())
+    one_pass = float(batch.teacher_media is batch.student_media and not towers_train)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        one_pass = all_reduce_min(one_pass, batch.student_prompt_ids.device)
+    with torch.no_grad(), lora_disabled(model):
+        teacher = model.encode_media(batch.teacher_media)
+    student = teacher if one_pass else model.encode_media(batch.student_media)
+    return teacher, student
 
 
 @contextmanager
@@ -647,11 +677,12 @@ def gkd_loss_sums(engine, batch, completion_ids, completion_mask, beta: float, t
     engine (the student's forward goes through it, so its backward hooks see the loss) or a
     plain Thinker."""
     model = getattr(engine, "module", engine)
+    teacher_media, student_media = tower_outputs(model, batch)
     with torch.no_grad(), lora_disabled(model):
-        teacher_h = completion_hidden(model, batch.teacher_prompt_ids, batch.teacher_prompt_mask,
-                                      completion_ids, completion_mask)
-    student_h = completion_hidden(engine, batch.student_prompt_ids, batch.student_prompt_mask,
-                                  completion_ids, completion_mask)
+        teacher_h = completion_hidden(model, batch.teacher_prompt_ids, batch.teacher_prompt_mask, completion_ids,
+                                      completion_mask, teacher_media, batch.teacher_media)
+    student_h = completion_hidden(engine, batch.student_prompt_ids, batch.student_prompt_mask, completion_ids,
+                                  completion_mask, student_media, batch.student_media)
     mask = completion_mask.bool().reshape(-1)  # [B * C]
     H = student_h.shape[-1]
     with gathered_lm_head(model) as w:
@@ -670,12 +701,19 @@ def all_reduce_sum(x: float, device) -> float:
     return t.item()
 
 
+def all_reduce_min(x: float, device) -> float:
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return t.item()
+
+
 def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, temperature: float,
                sft_alpha: float, lr: float) -> dict | None:
     """One optimizer step over this rank's micro-batches (every rank calls it in lockstep):
     completions -> teacher pass (LoRA off) -> student pass -> loss -> backward/step.
 
-    `sample(prompt_ids, prompt_mask) -> (ids, mask)` draws completions from the model as it is.
+    `sample(prompt_ids, prompt_mask, media_inputs) -> (ids, mask)` draws completions from the model
+    as it is.
     Returns the step's sums, or None when the loss is not finite on some rank: the step is then
     skipped before any gradient exists."""
     model, device, world = engine.module, batches[0].student_prompt_ids.device, torch.distributed.get_world_size()
@@ -683,10 +721,10 @@ def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, t
     completions = []
     for b in batches:
         if branch == "on-policy":  # the student (LoRA on) answers its own prompt
-            completions.append(sample(b.student_prompt_ids, b.student_prompt_mask))
+            completions.append(sample(b.student_prompt_ids, b.student_prompt_mask, b.student_media))
         elif branch == "teacher-sampled":  # --seq_kd: the teacher (LoRA off) answers its prompt
             with lora_disabled(model):
-                completions.append(sample(b.teacher_prompt_ids, b.teacher_prompt_mask))
+                completions.append(sample(b.teacher_prompt_ids, b.teacher_prompt_mask, b.teacher_media))
         else:  # the dataset's answer
             completions.append((b.completion_ids, b.completion_mask))
     sample_seconds = time.time() - t0
@@ -736,8 +774,12 @@ def evaluate(engine, encoded_eval: list, batch_size: int, pad_id: int, beta: flo
 
 
 def to_device(batch: Batch, device) -> Batch:
-    return Batch(**{f.name: None if value is None else value.to(device)  # no media: None stays None
-                    for f in fields(batch) for value in [getattr(batch, f.name)]})
+    moved = {f.name: None if value is None else value.to(device)  # no media: None stays None
+             for f in fields(batch) for value in [getattr(batch, f.name)] if f.name != "teacher_media"}
+    same = batch.teacher_media is batch.student_media  # one MediaInputs for both prompts stays one
+    moved["teacher_media"] = moved["student_media"] if same else (
+        None if batch.teacher_media is None else batch.teacher_media.to(device))
+    return Batch(**moved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1128,7 +1170,8 @@ def plan_run(cfg: Config, world: int) -> RunPlan:
     tok = load_tokenizer(cfg.model)
     train_rows, eval_rows, data_stats = load_dataset_specs(
         cfg.dataset, cfg.seed, cfg.split_dataset_ratio, teacher_system=cfg.teacher_system,
-        teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows)
+        teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows,
+        teacher_sees_transcript=cfg.teacher_sees_transcript)
     too_long = []
     encoded, truncated = encode_examples(tok, train_rows, cfg.max_length, cfg.max_completion_length, skipped=too_long)
     encoded_eval = []
@@ -1137,8 +1180,10 @@ def plan_run(cfg: Config, world: int) -> RunPlan:
                                                        skipped=too_long)
         truncated = truncated + eval_truncated
     truncated.pop("skipped_prompt_too_long", None)  # counted in too_long
-    # of the training rows that fit: those whose teacher prompt differs from the student's
-    data_stats["teacher_differs"] = sum(e.teacher_prompt_ids != e.student_prompt_ids for e in encoded)
+    # of the training rows that fit: those whose teacher prompt differs from the student's, in its
+    # tokens or in its media (the same placeholder count can hold another picture)
+    data_stats["teacher_differs"] = sum(e.teacher_prompt_ids != e.student_prompt_ids
+                                        or e.teacher_media != e.student_media for e in encoded)
     per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
     steps_per_epoch = len(encoded) // per_step
     if steps_per_epoch == 0:
@@ -1300,7 +1345,8 @@ def train(cfg: Config) -> str:
 
     ds = deepspeed_config(cfg, dtype)
     device = init_distributed(cfg)
-    model, summary = build_student(cfg, ds, dtype, device, log)
+    has_media = any(e.student_media or e.teacher_media for e in encoded + encoded_eval)
+    model, summary = build_student(cfg, ds, dtype, device, log, towers=has_media)
     log("Using shared base model architecture:\n"
         "  Student model: base_model + LoRA (trainable)\n"
         "  Teacher model: base_model with LoRA disabled (frozen)\n"
@@ -1335,11 +1381,11 @@ def train(cfg: Config) -> str:
         torch.manual_seed(step_seed)  # dropout: a function of the step
         sampler = torch.Generator(device=device).manual_seed(step_seed)
 
-        def sample(prompt_ids, prompt_mask):
+        def sample(prompt_ids, prompt_mask, media_inputs):
             return sample_completions(engine, prompt_ids, prompt_mask, sampler,
                                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                       top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                                      gather=cfg.gather_for_generation)
+                                      gather=cfg.gather_for_generation, media_inputs=media_inputs)
 
         branch = step_branch(step, cfg.seed, cfg.lmbda, cfg.seq_kd)
         batches = [to_device(b, device) for b in micro_batches(
@@ -1593,7 +1639,8 @@ def evaluate_command(argv: list[str]) -> None:
     tok = load_tokenizer(cfg.model)
     train_rows, eval_rows, _ = load_dataset_specs(
         cfg.dataset, cfg.seed, cfg.split_dataset_ratio, teacher_system=cfg.teacher_system,
-        teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows)
+        teacher_sees_reference=cfg.teacher_sees_reference, skip_bad_rows=cfg.skip_bad_rows,
+        teacher_sees_transcript=cfg.teacher_sees_transcript)
     rows, which = (eval_rows, "held-out") if eval_rows else (train_rows, "(--split_dataset_ratio 0: all)")
     encoded, _ = encode_examples(tok, rows, cfg.max_length, cfg.max_completion_length)
     device = _device()
