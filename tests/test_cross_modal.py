@@ -1,0 +1,139 @@
+"""Cross-modal self-distillation: the student hears and sees the media, the teacher (the same
+model, LoRA off) reads their transcripts and captions. On the embedded default (tiny towers).
+
+- with the same media on both sides the divergence and every LoRA gradient are exactly 0;
+- with the teacher reading the transcript, the held-out divergence falls;
+- frozen towers run once per micro-batch when both prompts carry the same media;
+- 2 processes under ZeRO-3 with media rows in both branches, eval and checkpoints, and an
+  exact resume.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from data import collate, encode_examples, load_dataset_specs, load_tokenizer
+from lora import inject_lora, lora_parameters
+from model_qwen3omni import load_thinker
+from selfkd import gkd_loss_sums, tower_outputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OMNI = os.path.join(ROOT, "data", "sample_omni.jsonl")
+
+
+def audio_batches(model_dir, transcript: str, batch_size=2):
+    """The sample's audio-only rows (the student hears a clip), teacher context per `transcript`."""
+    tok = load_tokenizer(model_dir)
+    rows, _, _ = load_dataset_specs([OMNI], seed=0, split_ratio=0.0, teacher_sees_transcript=transcript)
+    rows = [r for r in rows if {m.kind for m in r.media.values()} == {"audio"}]
+    encoded, _ = encode_examples(tok, rows, max_length=512, max_completion_length=12)
+    return [collate(encoded[i:i + batch_size], tok.pad_id) for i in range(0, len(encoded), batch_size)]
+
+
+def student(model_dir):
+    model = load_thinker(model_dir, dtype=torch.float32, towers=True)
+    inject_lora(model, rank=8, alpha=16, dropout=0.0, targets="ALL", seed=0)
+    return model.train()
+
+
+def mean_jsd(model, batches):
+    with torch.no_grad():
+        sums = [gkd_loss_sums(model, b, b.completion_ids, b.completion_mask, 0.5, 2.0, False) for b in batches]
+    return sum(s[0].item() for s in sums) / sum(s[2] for s in sums)
+
+
+def test_same_media_on_both_sides_is_the_fixed_point(tiny_model_dir):
+    model = student(tiny_model_dir)
+    batches = audio_batches(tiny_model_dir, "false")
+    assert len(batches) >= 2 and all(b.student_media is not None for b in batches)
+    for b in batches:
+        assert b.teacher_media is b.student_media  # collate shares one MediaInputs
+        jsd, _, n = gkd_loss_sums(model, b, b.completion_ids, b.completion_mask, 0.5, 2.0, False)
+        assert n > 0 and jsd.item() == 0.0
+        jsd.backward()
+    for name, p in lora_parameters(model):
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+
+
+def test_frozen_towers_run_once_when_both_prompts_carry_the_same_media(tiny_model_dir, monkeypatch):
+    model = student(tiny_model_dir)
+    calls = []
+    real = model.encode_media
+    monkeypatch.setattr(model, "encode_media", lambda media: calls.append(media) or real(media))
+    same = audio_batches(tiny_model_dir, "false")[0]
+    teacher, student_media = tower_outputs(model, same)
+    assert len(calls) == 1 and teacher is student_media
+    calls.clear()
+    differ = audio_batches(tiny_model_dir, "add")[0]  # the teacher's prompt adds text: same media, other ids
+    assert differ.teacher_media is differ.student_media
+    tower_outputs(model, differ)
+    assert len(calls) == 1
+    calls.clear()
+    text_for_teacher = audio_batches(tiny_model_dir, "true")[0]  # the teacher reads instead of hearing
+    assert text_for_teacher.teacher_media is None and text_for_teacher.student_media is not None
+    tower_outputs(model, text_for_teacher)
+    assert len(calls) == 2  # the teacher's (nothing) and the student's
+
+
+def test_the_student_learns_to_answer_from_sound_as_the_teacher_does_from_text(tiny_model_dir):
+    torch.manual_seed(0)
+    model = student(tiny_model_dir)
+    batches = audio_batches(tiny_model_dir, "true")
+    assert all(b.teacher_media is None and b.student_media is not None for b in batches)
+    held_out, train = batches[:1], batches[1:]
+    before = mean_jsd(model.eval(), held_out)
+    model.train()
+    assert before > 1e-3
+    opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=3e-3)
+    for step in range(24):
+        b = train[step % len(train)]
+        jsd, _, n = gkd_loss_sums(model, b, b.completion_ids, b.completion_mask, 0.5, 2.0, False)
+        (jsd / n).backward()
+        opt.step()
+        opt.zero_grad()
+    after = mean_jsd(model.eval(), held_out)
+    assert after < 0.8 * before, (before, after)
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [m for m in map(json.loads, f) if "loss" in m]
+
+
+def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_model_dir, tmp_path):
+    """Each rank's rows carry other media (or none) every step; both branches, eval, checkpoints;
+    resuming from step 2 reproduces steps 3-4 and the final adapter."""
+    from safetensors.torch import load_file
+
+    from selfkd import is_on_policy
+    from test_train import run_selfkd
+
+    common = ["--model", tiny_model_dir, "--dataset", OMNI, "--split_dataset_ratio", "0.2", "--torch_dtype",
+              "float32", "--max_length", "1024", "--max_completion_length", "6", "--per_device_train_batch_size", "2",
+              "--per_device_eval_batch_size", "2", "--learning_rate", "3e-3", "--lmbda", "0.5",
+              "--teacher_sees_transcript", "true", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2",
+              "--logging_steps", "1", "--seed", "3", "--save_only_model", "false", "--lora_dropout", "0.1"]
+    assert {is_on_policy(s, 3, 0.5) for s in range(4)} == {True, False}
+    full = str(tmp_path / "full")
+    out = run_selfkd(common + ["--output_dir", full])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "audio and vision towers" in out.stdout
+    straight = metrics(full)
+    assert [m["step"] for m in straight] == [1, 2, 3, 4]
+    assert {m["branch"] for m in straight} == {"on-policy", "dataset"}
+    assert all(m["loss"] > 0 for m in straight)
+
+    resumed = str(tmp_path / "resumed")
+    out = run_selfkd(common + ["--output_dir", resumed, "--resume_from_checkpoint",
+                               os.path.join(full, "checkpoint-2")])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    again = metrics(resumed)
+    assert [m["step"] for m in again] == [3, 4]
+    for a, b in zip(straight[2:], again):
+        assert a["loss"] == b["loss"] and a["branch"] == b["branch"], (a, b)
+    final_a = load_file(os.path.join(full, "checkpoint-4", "adapter_model.safetensors"))
+    final_b = load_file(os.path.join(resumed, "checkpoint-4", "adapter_model.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    for k in final_a:
+        assert torch.equal(final_a[k], final_b[k]), k
