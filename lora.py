@@ -46,6 +46,8 @@ ALL_TARGETS = LINEAR_TARGETS + ("experts",)
 # ms-swift's `aligner` modules of qwen3_omni (its model_arch): module-name prefixes inside the thinker
 ALIGNER_PREFIXES = ("audio_tower.proj1", "audio_tower.proj2", "visual.merger.", "visual.merger_list.")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# what PEFT's config cannot hold (the training dropout of expert LoRA, the tower flags), beside it
+ADAPTER_EXTRAS = "selfkd_adapter.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +377,8 @@ def _peft_entries(model: Thinker):
     return entries
 
 
-def _adapter_config(model: Thinker) -> dict:
+def _adapter_config(model: Thinker) -> tuple[dict, dict]:
+    """(PEFT's adapter_config.json, selfkd's extras): the first holds PEFT's own keys only."""
     modules = lora_modules(model)
     first = modules[0]
     scaling = first.lora.scaling if isinstance(first, LoRALinear) else first.scaling
@@ -396,17 +399,15 @@ def _adapter_config(model: Thinker) -> dict:
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
         "r": rank, "lora_alpha": scaling * rank,
         # PEFT refuses dropout on stacked-expert LoRA; dropout only acts in training, so the file
-        # says 0 and the training value is kept under "selfkd" below.
+        # says 0 and the training value is kept in the extras.
         "lora_dropout": 0.0 if has_experts else dropout,
         "target_modules": targets,
         "exclude_modules": rf"(?!.*\.({'|'.join(keep)})$).*",
         "target_parameters": ["experts.gate_up_proj", "experts.down_proj"] if has_experts else None,
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
         "use_dora": False, "inference_mode": True, "modules_to_save": None,
-        "selfkd": {"rank": rank, "alpha": scaling * rank, "dropout": dropout,
-                   "targets": linear + (["experts"] if has_experts else []),
-                   "freeze_vit": "vit" not in towers, "freeze_aligner": "aligner" not in towers},
-    }
+    }, {"rank": rank, "alpha": scaling * rank, "dropout": dropout, "targets": linear + (["experts"] if has_experts else []),
+        "freeze_vit": "vit" not in towers, "freeze_aligner": "aligner" not in towers}
 
 
 def _gathered(params):
@@ -437,8 +438,11 @@ def write_adapter(model: Thinker, tensors: dict[str, torch.Tensor], path: str):
 
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    peft_config, extras = _adapter_config(model)
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-        json.dump(_adapter_config(model), f, indent=2)
+        json.dump(peft_config, f, indent=2)
+    with open(os.path.join(path, ADAPTER_EXTRAS), "w") as f:
+        json.dump(extras, f, indent=2)
 
 
 def save_adapter(model: Thinker, path: str):

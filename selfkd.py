@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from data import (TEACHER_SEES_TRANSCRIPT, Batch, DataError, collate, encode_examples, join_prompt_completion,
                   load_dataset_specs, load_tokenizer, render_chat)
 from loss import chunked_jsd_loss_sum, sft_loss_sum
-from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged, inject_lora,
-                  load_adapter, lora_disabled, lora_parameters, write_adapter)
+from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged,
+                  inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter)
 from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_thinker,
                              load_weights, resolve_dtype, sample_next)
 from tiny import DEFAULT_MODEL_DIR, ensure_default_model
@@ -846,10 +846,12 @@ def restore_optimizer(engine, tensors: dict, adam_steps: int):
         partitions = [(i, p) for i, g in enumerate(inner.param_groups) for p in g["params"]]
     for group_id, p in partitions:
         group = inner.param_groups[group_id]
-        kept, lr = group["params"], group["lr"]
+        kept, lr, grad = group["params"], group["lr"], p.grad  # (offloaded: a gradient buffer kept for good)
         group["params"], group["lr"], p.grad = [p], 0.0, torch.zeros_like(p)
         inner.step()
-        group["params"], group["lr"], p.grad = kept, lr, None
+        group["params"], group["lr"], p.grad = kept, lr, grad
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 link the moments to the
+        zero._lazy_init_hp_params_optimizer_state()  # parameters after their first step: do it now
     for name, p in lora_parameters(engine.module):
         safe_set_full_fp32_param(p, tensors[f"{name}.fp32"])
         for key in ("exp_avg", "exp_avg_sq"):
@@ -1586,11 +1588,16 @@ def parse_command(command: str, argv: list[str]) -> tuple[Config, argparse.Names
 
 
 def adapter_layout(adapter: str, cfg: Config | None = None) -> dict:
-    """Rank, alpha, targets and tower flags of an adapter: selfkd's extras in adapter_config.json,
-    else PEFT's own keys (an adapter PEFT wrote), the tower flags else the run's flags."""
+    """Rank, alpha, targets and tower flags of an adapter: selfkd's extras (ADAPTER_EXTRAS beside
+    adapter_config.json), else PEFT's own keys (an adapter PEFT wrote), the tower flags else the
+    run's flags."""
     with open(os.path.join(adapter, ADAPTER_CONFIG)) as f:
         conf = json.load(f)
-    extra = conf.get("selfkd") or {}
+    extras_file = os.path.join(adapter, ADAPTER_EXTRAS)
+    extra = {}
+    if os.path.isfile(extras_file):
+        with open(extras_file) as f:
+            extra = json.load(f)
     targets = extra.get("targets")
     if not targets:
         text = conf.get("target_modules") or ""

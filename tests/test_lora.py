@@ -141,7 +141,9 @@ def test_save_load_round_trip_is_exact(hf_dir, tmp_path):
     for (n, a), (_, b) in zip(lora_parameters(model), lora_parameters(fresh)):
         assert torch.equal(a, b), n
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["selfkd"] == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
+    assert "selfkd" not in config  # PEFT's own keys only (an unknown key makes PEFT warn)
+    extras = json.loads((tmp_path / "selfkd_adapter.json").read_text())
+    assert extras == {"rank": 4, "alpha": 8.0, "dropout": 0.0,
                                 "targets": ["k_proj", "o_proj", "q_proj", "v_proj", "experts"],
                                 "freeze_vit": True, "freeze_aligner": True}
 
