@@ -188,34 +188,45 @@ def test_too_many_non_finite_steps_abort_without_saving(tiny_model_dir, tmp_path
 # 7. a rank dies ----------------------------------------------------------------------------------
 
 
-def test_a_dead_rank_ends_the_job_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
-    import psutil
+def test_a_dead_rank_ends_the_survivor_by_itself_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    """The two ranks are started directly, without torchrun's agent (which would kill the survivor
+    itself): when rank 1 dies, rank 0 must notice on its own, stop within seconds (well before
+    --ddp_timeout) with one line naming the last complete checkpoint, and leave it intact."""
+    import socket
 
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "selfkd.py"), *small_run(tiny_model_dir, out, "--max_steps", "500", "--save_steps", "2",
-                                                       "--ddp_timeout", "60")]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = small_run(tiny_model_dir, out, "--max_steps", "500", "--save_steps", "2", "--ddp_timeout", "600")
+    ranks = []
+    for rank in (0, 1):
+        env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        ranks.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "selfkd.py"), *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         deadline = time.time() + 240
         while not os.path.isfile(os.path.join(out, "checkpoint-2", "trainer_state.json")):
-            assert launcher.poll() is None and time.time() < deadline, "training did not reach its first checkpoint"
-            time.sleep(0.5)
-        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "selfkd.py" in " ".join(p.cmdline())]
-        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
-        rank1.kill()
+            assert all(r.poll() is None for r in ranks) and time.time() < deadline, "no first checkpoint"
+            time.sleep(0.3)
+        ranks[1].kill()
         killed_at = time.time()
-        launcher.wait(timeout=120)
-        assert launcher.returncode != 0
-        assert time.time() - killed_at < 120
+        _, stderr = ranks[0].communicate(timeout=120)
+        assert time.time() - killed_at < 60
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    state = json.load(open(os.path.join(out, "checkpoint-2", "trainer_state.json")))
-    assert state["step"] == 2
+        for r in ranks:
+            if r.poll() is None:
+                r.kill()
+    assert ranks[0].returncode == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("selfkd: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert re.search(r"lost contact with another rank .*last complete checkpoint: .*checkpoint-\d+$", errors[0])
+    last = errors[0].rsplit(": ", 1)[1]
     from safetensors.torch import load_file
 
-    assert load_file(os.path.join(out, "checkpoint-2", "adapter_model.safetensors"))
+    assert json.load(open(os.path.join(last, "trainer_state.json")))["step"] >= 2
+    assert load_file(os.path.join(last, "adapter_model.safetensors"))
 
 
 # 8. disk full at save time -------------------------------------------------------------------
