@@ -90,7 +90,7 @@ CHAT_TEMPLATE = (
 _EXTRA_TEXT = "system\nuser\nassistant\nYou are a helpful assistant.\n"
 
 
-def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012) -> None:
+def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012, real_ids: bool = True) -> None:
     """Train a small Qwen-style byte-level BPE (256 bytes + merges, at most `bpe_vocab_size` ids) on
     the bundled sample dataset and write it in the released checkpoint's layout: vocab.json,
     merges.txt, tokenizer_config.json, chat_template.json.
@@ -99,6 +99,8 @@ def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012) -> None:
     in vocab.json at those ids as well as in tokenizer_config.json's added_tokens_decoder: an added
     token that the vocabulary already holds keeps the vocabulary's id, in `tokenizers` (data.py's
     load_tokenizer) and in transformers alike, where a new one would take the next free id.
+    real_ids=False puts them right after the BPE ids instead (a 1024-id vocabulary): a text-only
+    model that small runs the loss and sampling 6x faster on CPU, which the trainer's own tests use.
     """
     if bpe_vocab_size < 257:
         raise ValueError(f"bpe_vocab_size must be at least 257 (256 bytes + 1 merge), got {bpe_vocab_size}")
@@ -123,11 +125,13 @@ def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012) -> None:
     vocab_file = os.path.join(out_dir, "vocab.json")
     with open(vocab_file, encoding="utf-8") as f:
         vocab = json.load(f)
-    vocab.update(QWEN_TOKEN_IDS)
+    first = len(vocab)
+    ids = QWEN_TOKEN_IDS if real_ids else {content: first + i for i, (content, _) in enumerate(QWEN_ADDED_TOKENS)}
+    vocab.update(ids)
     with open(vocab_file, "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
     added_tokens_decoder = {
-        str(QWEN_TOKEN_IDS[content]): {
+        str(ids[content]): {
             "content": content,
             "lstrip": False,
             "normalized": False,

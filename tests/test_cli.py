@@ -68,9 +68,9 @@ def test_help_is_printed_once_and_fast():
 
 
 @pytest.mark.parametrize("case", ["missing model", "unknown flag", "bad value", "bad row", "too few rows"])
-def test_bad_input_through_run_sh_is_one_line_and_exit_2(case, tiny_model_dir, tmp_path):
+def test_bad_input_through_run_sh_is_one_line_and_exit_2(case, text_model_dir, tmp_path):
     """run.sh checks flags, model and data in one process before the 2 ranks start."""
-    env, args = {"MODEL": tiny_model_dir}, ["--output_dir", str(tmp_path / "out")]
+    env, args = {"MODEL": text_model_dir}, ["--output_dir", str(tmp_path / "out")]
     if case == "missing model":
         env["MODEL"], pattern = str(tmp_path / "missing"), r"no config\.json at .*missing"
     elif case == "unknown flag":
@@ -91,11 +91,11 @@ def test_bad_input_through_run_sh_is_one_line_and_exit_2(case, tiny_model_dir, t
     assert time.time() - started < 60  # before any rank, deepspeed or model weights
 
 
-def test_an_error_after_the_ranks_started_is_reported_once(tiny_model_dir, tmp_path):
+def test_an_error_after_the_ranks_started_is_reported_once(text_model_dir, tmp_path):
     """A failed save (disk full on rank 0's second checkpoint) stops both ranks: one line, exit 1,
     no traceback from the ranks or the launcher."""
     out = str(tmp_path / "out")
-    result = selfkd(["launch", "--nproc_per_node", "2", "--model", tiny_model_dir, *SMALL, "--max_steps", "3",
+    result = selfkd(["launch", "--nproc_per_node", "2", "--model", text_model_dir, *SMALL, "--max_steps", "3",
                      "--save_steps", "1", "--output_dir", out], script=os.path.join("tests", "faulty_selfkd.py"),
                     SELFKD_FAULT="enospc_during_save=2")
     one_line_error(result, r"writing checkpoint .*checkpoint-2.* failed: .*No space left on device", code=1)
@@ -127,9 +127,9 @@ def ranks_of(process):
 
 
 @pytest.mark.parametrize("to", ["launcher", pytest.param("every rank", marks=pytest.mark.slow)])
-def test_ctrl_c_prints_one_line_and_exits_130(to, tiny_model_dir, tmp_path):
+def test_ctrl_c_prints_one_line_and_exits_130(to, text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    run = start_run_sh(tiny_model_dir, out, "--max_steps", "400", "--save_steps", "2")
+    run = start_run_sh(text_model_dir, out, "--max_steps", "400", "--save_steps", "2")
     try:
         wait_for(lambda: os.path.isfile(os.path.join(out, "checkpoint-2", "trainer_state.json")), run,
                  "the first checkpoint")
@@ -157,20 +157,20 @@ def test_ctrl_c_prints_one_line_and_exits_130(to, tiny_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
+def trained(text_model_dir, tmp_path_factory):
     """One uninterrupted 8-step run through run.sh (2 processes): (output dir, stdout)."""
     out = str(tmp_path_factory.mktemp("trained") / "out")
-    result = run_sh([*SMALL, "--output_dir", out], MODEL=tiny_model_dir)
+    result = run_sh([*SMALL, "--output_dir", out], MODEL=text_model_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout
 
 
-def test_sigterm_saves_at_the_next_step_and_resume_continues_exactly(trained, tiny_model_dir, tmp_path):
+def test_sigterm_saves_at_the_next_step_and_resume_continues_exactly(trained, text_model_dir, tmp_path):
     """SIGTERM to one rank only: at the next step boundary both ranks agree, save, exit 143. The
     resumed run then logs the same losses as the uninterrupted one."""
     full, _ = trained
     out = str(tmp_path / "out")
-    run = start_run_sh(tiny_model_dir, out)
+    run = start_run_sh(text_model_dir, out)
     try:
         wait_for(lambda: os.path.isfile(os.path.join(out, "metrics.jsonl"))
                  and sum("loss" in row for row in metrics(out)) >= 2, run, "two steps")
@@ -188,7 +188,7 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues_exactly(trained, ti
     assert 2 <= step < 8 and checkpoint == os.path.join(out, f"checkpoint-{step}")
     assert json.load(open(os.path.join(checkpoint, "trainer_state.json")))["step"] == step
 
-    resumed = run_sh([*SMALL, "--output_dir", out, "--resume_from_checkpoint", "latest"], MODEL=tiny_model_dir)
+    resumed = run_sh([*SMALL, "--output_dir", out, "--resume_from_checkpoint", "latest"], MODEL=text_model_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"step {step + 1} loss:" in resumed.stdout
     want = {m["step"]: m for m in metrics(full) if "loss" in m}
@@ -245,10 +245,10 @@ def test_curve_on_demand_for_any_output_dir(trained, tmp_path):
     one_line_error(selfkd(["curve", str(tmp_path)]), r"no metrics\.jsonl in")
 
 
-def test_report_to_tensorboard(tiny_model_dir, tmp_path):
+def test_report_to_tensorboard(text_model_dir, tmp_path):
     import selfkd as sk
 
-    cfg = sk.parse_args(["--model", tiny_model_dir, "--dataset", f"{SAMPLE}#16", "--split_dataset_ratio", "0",
+    cfg = sk.parse_args(["--model", text_model_dir, "--dataset", f"{SAMPLE}#16", "--split_dataset_ratio", "0",
                          "--max_length", "128", "--max_completion_length", "8", "--report_to", "tensorboard",
                          "--output_dir", str(tmp_path)])
     try:
@@ -280,13 +280,13 @@ def test_evaluate_reproduces_the_training_eval(trained):
     assert found.group(3) == os.path.join(out, "checkpoint-8")
 
 
-def test_generate_with_the_adapter_on_and_off(trained, tiny_model_dir, tmp_path):
+def test_generate_with_the_adapter_on_and_off(trained, text_model_dir, tmp_path):
     out, _ = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a colour.\n\nWhat is two plus two?\n")
     on = selfkd(["generate", "--adapter", out, "--prompts", str(prompts), "--max_new_tokens", "6",
                  "--out", str(tmp_path / "on.jsonl")])
-    off = selfkd(["generate", "--model", tiny_model_dir, "--prompts", str(prompts), "--max_new_tokens", "6",
+    off = selfkd(["generate", "--model", text_model_dir, "--prompts", str(prompts), "--max_new_tokens", "6",
                   "--out", str(tmp_path / "off.jsonl")])
     for result, adapter in ((on, os.path.join(out, "checkpoint-8")), (off, None)):
         assert result.returncode == 0, result.stderr[-3000:]
@@ -294,7 +294,7 @@ def test_generate_with_the_adapter_on_and_off(trained, tiny_model_dir, tmp_path)
         rows = [json.loads(line) for line in open(tmp_path / ("on.jsonl" if adapter else "off.jsonl"))]
         assert len(rows) == 2 and all(r["adapter"] == adapter and isinstance(r["completion"], str) for r in rows)
         assert rows[1]["prompt"] == [{"role": "user", "content": "What is two plus two?"}]
-    one_line_error(selfkd(["generate", "--model", tiny_model_dir, "--prompts", str(tmp_path / "none.txt")]),
+    one_line_error(selfkd(["generate", "--model", text_model_dir, "--prompts", str(tmp_path / "none.txt")]),
                    r"--prompts .*none\.txt: no such file")
 
 
@@ -369,9 +369,9 @@ def test_export_of_the_released_layout_loads_in_transformers_with_the_written_dt
 # 11./12. honest defaults and data messages that say the fix ------------------------------------------
 
 
-def test_run_sh_takes_the_users_epochs_or_steps(tiny_model_dir, tmp_path):
+def test_run_sh_takes_the_users_epochs_or_steps(text_model_dir, tmp_path):
     """The embedded default runs 40 steps unless the user chooses epochs or steps."""
-    common = ["check", "--model", tiny_model_dir, "--output_dir", str(tmp_path / "out")]
+    common = ["check", "--model", text_model_dir, "--output_dir", str(tmp_path / "out")]
     for extra, steps in (([], 40), (["--num_train_epochs", "1"], None), (["--max_steps=7"], 7)):
         result = run_sh(common + extra)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -389,11 +389,11 @@ def plan(model_dir, tmp_path, *flags):
     return cfg, sk.plan_run(cfg, world=2)
 
 
-def test_a_teacher_prompt_that_cannot_fit_names_itself_and_the_tokens_it_needs(tiny_model_dir, tmp_path):
+def test_a_teacher_prompt_that_cannot_fit_names_itself_and_the_tokens_it_needs(text_model_dir, tmp_path):
     from data import DataError
 
     with pytest.raises(DataError) as err:
-        plan(tiny_model_dir, tmp_path, "--max_length", "48", "--max_completion_length", "16")
+        plan(text_model_dir, tmp_path, "--max_length", "48", "--max_completion_length", "16")
     message = str(err.value)
     assert re.search(r"no example fits max_length=48: all \d+ were skipped because the final user turn and the "
                      r"completion need \d+ to \d+ tokens \(the shortest: the teacher's final user turn \(with the "
@@ -401,7 +401,7 @@ def test_a_teacher_prompt_that_cannot_fit_names_itself_and_the_tokens_it_needs(t
                      r"to at least (\d+) \((\d+) keeps every row\)", message), message
 
 
-def test_many_dropped_rows_are_counted_as_skipped_and_warned_about(tiny_model_dir, tmp_path):
+def test_many_dropped_rows_are_counted_as_skipped_and_warned_about(text_model_dir, tmp_path):
     import selfkd as sk
 
     short = [{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(6)]
@@ -409,7 +409,7 @@ def test_many_dropped_rows_are_counted_as_skipped_and_warned_about(tiny_model_di
     long_answer = [{"instruction": "Count.", "output": " ".join(str(i) for i in range(60))}]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in short + long_prompt + long_answer))
-    common = ["--model", tiny_model_dir, "--dataset", str(path), "--split_dataset_ratio", "0",
+    common = ["--model", text_model_dir, "--dataset", str(path), "--split_dataset_ratio", "0",
               "--output_dir", str(tmp_path / "out")]
     cfg = sk.parse_args(common + ["--max_length", "64", "--max_completion_length", "16"])
     lines = sk.data_report(cfg, sk.plan_run(cfg, world=1))

@@ -59,17 +59,17 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_data_fails_with_file_and_line(case, tiny_model_dir, tmp_path):
+def test_bad_data_fails_with_file_and_line(case, text_model_dir, tmp_path):
     content, pattern = BAD_DATA[case]
     path = tmp_path / ("bad.json" if case == "truncated_json_array" else "bad.jsonl")
     path.write_bytes(content)
     started = time.time()
-    result = cli(small_run(tiny_model_dir, str(tmp_path / "out"), "--max_steps", "1") + ["--dataset", str(path)])
+    result = cli(small_run(text_model_dir, str(tmp_path / "out"), "--max_steps", "1") + ["--dataset", str(path)])
     one_line_error(result, pattern)
     assert time.time() - started < 60  # fails before any model is loaded
 
 
-def test_bad_rows_are_counted_and_named_when_skipping(tiny_model_dir, tmp_path):
+def test_bad_rows_are_counted_and_named_when_skipping(text_model_dir, tmp_path):
     """--skip_bad_rows: a 10 MB single line, a row longer than max_length, broken rows and
     special-token strings in user text; the run goes on and every skipped row is named."""
     good = [json.dumps({"instruction": f"Say {i}.", "output": f"{i}."}) for i in range(8)]
@@ -81,7 +81,7 @@ def test_bad_rows_are_counted_and_named_when_skipping(tiny_model_dir, tmp_path):
     ] + good[4:]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(rows) + "\n")
-    result = cli(small_run(tiny_model_dir, str(tmp_path / "out"), "--max_steps", "1", "--skip_bad_rows", "true",
+    result = cli(small_run(text_model_dir, str(tmp_path / "out"), "--max_steps", "1", "--skip_bad_rows", "true",
                            "--dataset", str(path)))
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
@@ -100,21 +100,21 @@ def test_model_directory_that_does_not_exist(tmp_path):
     one_line_error(result, r"nope")
 
 
-def test_model_directory_with_a_non_qwen3_omni_config(tiny_model_dir, tmp_path):
+def test_model_directory_with_a_non_qwen3_omni_config(text_model_dir, tmp_path):
     import shutil
 
     bad = tmp_path / "llama"
-    shutil.copytree(tiny_model_dir, bad)
+    shutil.copytree(text_model_dir, bad)
     (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     result = cli(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"))
     one_line_error(result, r"'llama' is not a Qwen3-Omni")
 
 
-def test_model_directory_with_a_missing_shard(tiny_model_dir, tmp_path):
+def test_model_directory_with_a_missing_shard(text_model_dir, tmp_path):
     import shutil
 
     bad = tmp_path / "noshard"
-    shutil.copytree(tiny_model_dir, bad)
+    shutil.copytree(text_model_dir, bad)
     os.remove(glob.glob(str(bad / "model-*.safetensors"))[0])
     result = cli(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"))
     one_line_error(result, r"shard .*model-00001-of-00001\.safetensors.* does not exist")
@@ -131,26 +131,26 @@ def test_model_directory_with_a_missing_shard(tiny_model_dir, tmp_path):
     (["--lmbad", "0.5"], r"--lmbad.*--lmbda"),
     (["--teacher_model", "/some/other/model"], r"teacher.*LoRA"),
 ])
-def test_bad_flags_fail_fast(flags, pattern, tiny_model_dir):
+def test_bad_flags_fail_fast(flags, pattern, text_model_dir):
     started = time.time()
-    result = cli(["--model", tiny_model_dir, "--dataset", SAMPLE, *flags])
+    result = cli(["--model", text_model_dir, "--dataset", SAMPLE, *flags])
     one_line_error(result, pattern)
     assert time.time() - started < 30
 
 
-def test_unwritable_output_directory_fails_before_training(tiny_model_dir, tmp_path):
+def test_unwritable_output_directory_fails_before_training(text_model_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = cli(small_run(tiny_model_dir, str(blocker / "out"), "--max_steps", "1"))
+    result = cli(small_run(text_model_dir, str(blocker / "out"), "--max_steps", "1"))
     one_line_error(result, r"--output_dir .* is not writable")
 
 
 # 4. crash during a checkpoint save; save_total_limit -----------------------------------------
 
 
-def test_sigkill_during_save_never_leaves_a_checkpoint_resume_would_pick(tiny_model_dir, tmp_path):
+def test_sigkill_during_save_never_leaves_a_checkpoint_resume_would_pick(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    args = small_run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1")
+    args = small_run(text_model_dir, out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "1")
     killed = cli(args, fault="kill_during_save=2", script="faulty_selfkd.py")
     assert killed.returncode == -signal.SIGKILL
     assert os.path.isdir(os.path.join(out, ".tmp-checkpoint-4"))  # the half-written one...
@@ -166,9 +166,9 @@ def test_sigkill_during_save_never_leaves_a_checkpoint_resume_would_pick(tiny_mo
 # 6. non-finite losses ---------------------------------------------------------------------------
 
 
-def test_non_finite_steps_are_skipped_and_logged(tiny_model_dir, tmp_path):
+def test_non_finite_steps_are_skipped_and_logged(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    result = cli(small_run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "4",
+    result = cli(small_run(text_model_dir, out, "--max_steps", "4", "--save_steps", "4",
                            "--max_nonfinite_steps", "3"), fault="nan_loss=2,3", script="faulty_selfkd.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 2: non-finite loss on some rank, step skipped (1 in a row" in result.stdout
@@ -177,9 +177,9 @@ def test_non_finite_steps_are_skipped_and_logged(tiny_model_dir, tmp_path):
     assert steps == [1, 4]
 
 
-def test_too_many_non_finite_steps_abort_without_saving(tiny_model_dir, tmp_path):
+def test_too_many_non_finite_steps_abort_without_saving(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    result = cli(small_run(tiny_model_dir, out, "--max_steps", "6", "--save_steps", "1",
+    result = cli(small_run(text_model_dir, out, "--max_steps", "6", "--save_steps", "1",
                            "--max_nonfinite_steps", "2"), fault="nan_loss=2,3,4", script="faulty_selfkd.py")
     one_line_error(result, r"2 non-finite steps in a row; aborting.*checkpoint-1", code=1)
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1"]
@@ -188,7 +188,7 @@ def test_too_many_non_finite_steps_abort_without_saving(tiny_model_dir, tmp_path
 # 7. a rank dies ----------------------------------------------------------------------------------
 
 
-def test_a_dead_rank_ends_the_survivor_by_itself_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+def test_a_dead_rank_ends_the_survivor_by_itself_and_keeps_the_last_checkpoint(text_model_dir, tmp_path):
     """The two ranks are started directly, without torchrun's agent (which would kill the survivor
     itself): when rank 1 dies, rank 0 must notice on its own, stop within seconds (well before
     --ddp_timeout) with one line naming the last complete checkpoint, and leave it intact."""
@@ -198,7 +198,7 @@ def test_a_dead_rank_ends_the_survivor_by_itself_and_keeps_the_last_checkpoint(t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = small_run(tiny_model_dir, out, "--max_steps", "500", "--save_steps", "2", "--ddp_timeout", "600")
+    args = small_run(text_model_dir, out, "--max_steps", "500", "--save_steps", "2", "--ddp_timeout", "600")
     ranks = []
     for rank in (0, 1):
         env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
@@ -232,9 +232,9 @@ def test_a_dead_rank_ends_the_survivor_by_itself_and_keeps_the_last_checkpoint(t
 # 8. disk full at save time -------------------------------------------------------------------
 
 
-def test_disk_full_at_save_is_a_clear_error_and_keeps_older_checkpoints(tiny_model_dir, tmp_path):
+def test_disk_full_at_save_is_a_clear_error_and_keeps_older_checkpoints(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    result = cli(small_run(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "1"),
+    result = cli(small_run(text_model_dir, out, "--max_steps", "3", "--save_steps", "1"),
                  fault="enospc_during_save=2", script="faulty_selfkd.py")
     one_line_error(result, r"writing checkpoint .*checkpoint-2.* failed: .*No space left on device.*"
                            r"Previous checkpoints .* are intact", code=1)
@@ -242,14 +242,14 @@ def test_disk_full_at_save_is_a_clear_error_and_keeps_older_checkpoints(tiny_mod
     assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-1"
 
 
-def test_a_safetensors_error_at_save_reaches_every_rank_and_leaves_no_debris(tiny_model_dir, tmp_path):
+def test_a_safetensors_error_at_save_reaches_every_rank_and_leaves_no_debris(text_model_dir, tmp_path):
     """safetensors raises its own SafetensorError (not an OSError) when serialisation fails: two
     ranks, both stop within seconds (not after --ddp_timeout), the temporary directory is gone and
     the older checkpoint is intact."""
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "faulty_selfkd.py"),
-           *small_run(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "1", "--ddp_timeout", "900")]
+           *small_run(text_model_dir, out, "--max_steps", "3", "--save_steps", "1", "--ddp_timeout", "900")]
     started = time.time()
     result = subprocess.run(cmd, cwd=ROOT, env=dict(ENV, SELFKD_FAULT="safetensors_error_during_save=2"),
                             capture_output=True, text=True, timeout=300)
@@ -262,9 +262,9 @@ def test_a_safetensors_error_at_save_reaches_every_rank_and_leaves_no_debris(tin
     assert open(os.path.join(out, "latest")).read().strip() == "checkpoint-1"
 
 
-def test_a_non_finite_last_step_still_saves_the_final_checkpoint(tiny_model_dir, tmp_path):
+def test_a_non_finite_last_step_still_saves_the_final_checkpoint(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    result = cli(small_run(tiny_model_dir, out, "--max_steps", "3", "--save_steps", "10"),
+    result = cli(small_run(text_model_dir, out, "--max_steps", "3", "--save_steps", "10"),
                  fault="nan_loss=3", script="faulty_selfkd.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3: non-finite loss on some rank, step skipped" in result.stdout
@@ -272,10 +272,10 @@ def test_a_non_finite_last_step_still_saves_the_final_checkpoint(tiny_model_dir,
     assert f"adapter: {os.path.join(out, 'checkpoint-3')}" in result.stdout
 
 
-def test_an_abort_after_resume_names_the_checkpoint_it_resumed_from(tiny_model_dir, tmp_path):
+def test_an_abort_after_resume_names_the_checkpoint_it_resumed_from(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    assert cli(small_run(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "2")).returncode == 0
-    result = cli(small_run(tiny_model_dir, out, "--max_steps", "6", "--save_steps", "10", "--max_nonfinite_steps", "2",
+    assert cli(small_run(text_model_dir, out, "--max_steps", "2", "--save_steps", "2")).returncode == 0
+    result = cli(small_run(text_model_dir, out, "--max_steps", "6", "--save_steps", "10", "--max_nonfinite_steps", "2",
                            "--resume_from_checkpoint", "latest"), fault="nan_loss=3,4", script="faulty_selfkd.py")
     one_line_error(result, r"2 non-finite steps in a row; aborting\. Last complete checkpoint: .*checkpoint-2$",
                    code=1)
@@ -284,25 +284,25 @@ def test_an_abort_after_resume_names_the_checkpoint_it_resumed_from(tiny_model_d
 # 9. the output directory --------------------------------------------------------------------------
 
 
-def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(tiny_model_dir, tmp_path):
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
-    assert cli(small_run(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "1")).returncode == 0
-    refused = cli(small_run(tiny_model_dir, out, "--max_steps", "2"))
+    assert cli(small_run(text_model_dir, out, "--max_steps", "2", "--save_steps", "1")).returncode == 0
+    refused = cli(small_run(text_model_dir, out, "--max_steps", "2"))
     one_line_error(refused, r"--output_dir .* already holds checkpoints .*--resume_from_checkpoint latest.*"
                             r"--overwrite_output_dir true")
-    again = cli(small_run(tiny_model_dir, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    again = cli(small_run(text_model_dir, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1"]
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1]
     assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 1
 
 
-def test_resume_from_an_older_checkpoint_drops_the_abandoned_run_and_keeps_what_it_writes(tiny_model_dir, tmp_path):
+def test_resume_from_an_older_checkpoint_drops_the_abandoned_run_and_keeps_what_it_writes(text_model_dir, tmp_path):
     """Checkpoints 1-4 exist; resuming from checkpoint-1 with --save_total_limit 2 abandons 2-4. The
     checkpoint the resumed run writes must survive rotation, and the metrics hold one history."""
     out = str(tmp_path / "out")
-    assert cli(small_run(tiny_model_dir, out, "--max_steps", "4", "--save_steps", "1")).returncode == 0
-    result = cli(small_run(tiny_model_dir, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "2",
+    assert cli(small_run(text_model_dir, out, "--max_steps", "4", "--save_steps", "1")).returncode == 0
+    result = cli(small_run(text_model_dir, out, "--max_steps", "2", "--save_steps", "1", "--save_total_limit", "2",
                            "--resume_from_checkpoint", os.path.join(out, "checkpoint-1")))
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-1", "checkpoint-2"]

@@ -34,12 +34,12 @@ def student(model_dir):
     return model.train()
 
 
-def test_without_teacher_context_loss_and_every_gradient_are_exactly_zero(tiny_model_dir):
+def test_without_teacher_context_loss_and_every_gradient_are_exactly_zero(text_model_dir):
     """The seed's trap: teacher = base with LoRA off, student = base + LoRA with B = 0, same
     input. Then student == teacher, so the divergence and its gradient vanish."""
     cfg = Config(beta=0.5, temperature=2.0)
-    model = student(tiny_model_dir)
-    _, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
+    model = student(text_model_dir)
+    _, (batch, *_) = batches(text_model_dir, teacher_sees_reference=False)
     assert torch.equal(batch.teacher_prompt_ids, batch.student_prompt_ids)
     jsd, _, n = gkd_loss_sums(model, batch, batch.completion_ids, batch.completion_mask, cfg.beta, cfg.temperature,
                               with_sft=False)
@@ -50,13 +50,13 @@ def test_without_teacher_context_loss_and_every_gradient_are_exactly_zero(tiny_m
         assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
 
 
-def test_with_teacher_context_the_divergence_goes_down(tiny_model_dir):
+def test_with_teacher_context_the_divergence_goes_down(text_model_dir):
     """Teacher sees the reference answer; after a few dozen AdamW steps on the same data the
     student's divergence from it is clearly lower."""
     torch.manual_seed(0)
     cfg = Config(beta=0.5, temperature=2.0)
-    model = student(tiny_model_dir)
-    _, data = batches(tiny_model_dir, teacher_sees_reference=True, n=4)
+    model = student(text_model_dir)
+    _, data = batches(text_model_dir, teacher_sees_reference=True, n=4)
     opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=3e-3)
 
     def mean_loss():
@@ -82,10 +82,10 @@ def sampling(cfg, tok):
                 top_p=cfg.top_p, eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=cfg.gather_for_generation)
 
 
-def test_sampling_is_seeded_and_respects_max_length(tiny_model_dir):
+def test_sampling_is_seeded_and_respects_max_length(text_model_dir):
     cfg = Config(temperature=2.0, top_k=50, top_p=0.95, max_completion_length=12, gather_for_generation=False)
-    model = student(tiny_model_dir)
-    tok, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
+    model = student(text_model_dir)
+    tok, (batch, *_) = batches(text_model_dir, teacher_sees_reference=False)
 
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
@@ -98,17 +98,17 @@ def test_sampling_is_seeded_and_respects_max_length(tiny_model_dir):
     assert model.training  # sampling switched to eval and back
 
 
-def test_teacher_sampling_is_the_base_model(tiny_model_dir):
+def test_teacher_sampling_is_the_base_model(text_model_dir):
     """--seq_kd samples with LoRA off: the same tokens as a model that never had LoRA."""
     from lora import lora_disabled
 
     cfg = Config(temperature=1.0, max_completion_length=8, gather_for_generation=False)
-    model = student(tiny_model_dir)
+    model = student(text_model_dir)
     with torch.no_grad():
         for _, p in lora_parameters(model):
             p.add_(0.1)  # a trained-looking adapter
-    base = load_thinker(tiny_model_dir, dtype=torch.float32)
-    tok, (batch, *_) = batches(tiny_model_dir, teacher_sees_reference=False)
+    base = load_thinker(text_model_dir, dtype=torch.float32)
+    tok, (batch, *_) = batches(text_model_dir, teacher_sees_reference=False)
     args, kwargs = (batch.teacher_prompt_ids, batch.teacher_prompt_mask), sampling(cfg, tok)
     with lora_disabled(model):
         teacher = sample_completions(model, *args, torch.Generator().manual_seed(3), **kwargs)
@@ -118,7 +118,7 @@ def test_teacher_sampling_is_the_base_model(tiny_model_dir):
     assert not torch.equal(student_draw[0], reference[0])
 
 
-def test_the_fixed_point_warning_and_step0_loss_are_printed(tiny_model_dir, tmp_path):
+def test_the_fixed_point_warning_and_step0_loss_are_printed(text_model_dir, tmp_path):
     """A dataset without teacher context, no --sft_alpha: the user is told, loudly, that nothing
     will be learned, and sees the step-0 loss of exactly 0."""
     import json as _json
@@ -126,7 +126,7 @@ def test_the_fixed_point_warning_and_step0_loss_are_printed(tiny_model_dir, tmp_
     plain = tmp_path / "plain.jsonl"
     plain.write_text("".join(_json.dumps({"instruction": f"Add {i} and {i}.", "output": f"{2 * i}."}) + "\n"
                              for i in range(16)))
-    out = run_selfkd(["--model", tiny_model_dir, "--dataset", str(plain), "--split_dataset_ratio", "0",
+    out = run_selfkd(["--model", text_model_dir, "--dataset", str(plain), "--split_dataset_ratio", "0",
                       "--torch_dtype", "float32", "--max_length", "96", "--max_completion_length", "8",
                       "--per_device_train_batch_size", "2", "--lmbda", "0", "--max_steps", "1",
                       "--output_dir", str(tmp_path / "out")], nproc=1)
@@ -162,12 +162,12 @@ def metrics(output_dir):
         return [row for row in map(json.loads, f) if "loss" in row]
 
 
-def test_two_process_zero3_end_to_end_and_exact_resume(tiny_model_dir, tmp_path):
+def test_two_process_zero3_end_to_end_and_exact_resume(text_model_dir, tmp_path):
     """2 processes, ZeRO-3, gloo: both branches, eval, checkpoints; then resuming from the
     step-3 checkpoint reproduces steps 4-6 and the final adapter of the uninterrupted run."""
     from safetensors.torch import load_file
 
-    common = ["--model", tiny_model_dir, "--dataset", f"{SAMPLE_DATASET}#64", "--split_dataset_ratio", "0.1",
+    common = ["--model", text_model_dir, "--dataset", f"{SAMPLE_DATASET}#64", "--split_dataset_ratio", "0.1",
               "--torch_dtype", "float32", "--max_length", "160", "--max_completion_length", "10",
               "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
               "--learning_rate", "3e-3", "--lmbda", "0.5", "--teacher_sees_reference", "true",
