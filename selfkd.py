@@ -474,7 +474,11 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
 @contextmanager
 def gathered_for_generation(engine, enabled: bool):
     """ZeRO-3: gather every weight once and detach DeepSpeed's per-module hooks for the
-    duration (as TRL's ds3_gather_for_generation does); other stages: nothing to do."""
+    duration (as TRL's ds3_gather_for_generation does); other stages: nothing to do.
+
+    Putting the hooks back would make DeepSpeed drop its record of the training passes' fetch
+    order (see zero3_new_step), so the coordinator is kept aside meanwhile and the modules get
+    their ids back: the record stays right, and the passes after sampling still prefetch."""
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
     if not enabled or offload is None:
         yield
@@ -491,10 +495,41 @@ def gathered_for_generation(engine, enabled: bool):
         try:
             yield
         finally:
-            coordinator = offload.param_coordinator
-            if not coordinator.is_invalid_trace():
-                coordinator._invalidate_trace()
-            offload._register_deepspeed_module(offload.module)
+            coordinator, offload.param_coordinator = offload.param_coordinator, _UntracedCoordinator()
+            try:  # the modules' ids as before (the record refers to them)
+                offload._register_deepspeed_module(offload.module, count=[offload.module.ds_id])
+            finally:
+                offload.param_coordinator = coordinator
+
+
+class _UntracedCoordinator:
+    """What DeepSpeed's hook registration asks of the parameter coordinator: whether it holds a
+    trace to invalidate (no)."""
+
+    def is_invalid_trace(self) -> bool:
+        return True
+
+
+def zero3_new_step(engine):
+    """ZeRO-3: tell DeepSpeed that the passes of a new optimizer step (or of an evaluation) start here.
+
+    DeepSpeed records the order in which modules fetch their parameters over one "step", and when
+    the next step repeats it (a complete trace) it prefetches the next modules' parameters while
+    the current one computes, keeps a parameter that is used again soon (the recomputation of a
+    checkpointed layer, then its backward) and keeps the persistent ones. By default a step starts
+    at every top-level forward, and selfkd's step makes two different ones (the teacher pass with
+    no backward, the student pass with it), so the trace never repeats: every module then gathers
+    its parameters on demand, one collective each, and releases them at once (at real width the
+    same 1.2 GB expert stack twice in a row: recomputation, then backward). Here a step is the
+    whole optimizer step (teacher and student passes of every micro-batch, their backward), which
+    repeats. Other stages and engines: nothing to do."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        return
+    if not getattr(offload, "selfkd_steps", False):  # once: drop the reset at every top-level forward
+        offload.fwd_pre_hook.remove()
+        offload.selfkd_steps = True
+    offload.get_param_coordinator().reset_step()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,15 +537,26 @@ def gathered_for_generation(engine, enabled: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+def deepspeed_config(cfg: Config, dtype: torch.dtype, world_size: int | None = None) -> dict:
     """Built-in configs for the ms-swift preset names, or the user's JSON file. The batch and
-    clipping fields always come from the flags, so the two cannot disagree."""
+    clipping fields always come from the flags, so the two cannot disagree.
+
+    With `world_size` 1 (one process) the zero3 preset becomes ZeRO-2: one rank has nothing to
+    partition, and ZeRO-3 would still gather and release every weight at every call (train()
+    says so in the log). zero3_offload stays ZeRO-3 (its point is the weights in CPU memory) and
+    a JSON file is taken as written."""
     if cfg.deepspeed in DEEPSPEED_PRESETS:
-        zero = {"stage": 2 if cfg.deepspeed == "zero2" else 3, "overlap_comm": False,
-                "contiguous_gradients": True}
-        if zero["stage"] == 3:
+        stage = 2 if cfg.deepspeed == "zero2" or (cfg.deepspeed == "zero3" and world_size == 1) else 3
+        zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
+        if stage == 3:
+            # No persistence threshold: DeepSpeed 0.19.8 would also make the small LoRA tensors
+            # persistent and re-gather them, one collective each, after every optimizer step;
+            # build_student marks the small frozen ones persistent instead. Prefetch (which needs
+            # a complete trace, see zero3_new_step) reaches about one module ahead; a parameter
+            # used again within 1e9 elements of fetches stays gathered.
             zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=1e9,
-                        stage3_prefetch_bucket_size=5e7, stage3_gather_16bit_weights_on_model_save=False)
+                        stage3_prefetch_bucket_size=5e7, stage3_max_reuse_distance=1e9,
+                        stage3_gather_16bit_weights_on_model_save=False)
         ds = {"zero_optimization": zero}
         if cfg.deepspeed == "zero3_offload":
             zero.update(offload_param={"device": "cpu", "pin_memory": True},
@@ -548,6 +594,11 @@ def init_distributed(cfg: Config):
     return torch.device("cpu")
 
 
+# Frozen tensors up to this many elements stay gathered on every rank under ZeRO-3 (~13M elements,
+# 26 MB in bf16, for the 30B thinker: its 48 routers of 128 x 2048 and the norms).
+ZERO3_PERSISTENT_NUMEL = 1 << 19
+
+
 def build_student(cfg: Config, ds: dict, dtype, device, log, towers: bool = False):
     """The thinker built partitioned (ZeRO-3) or whole, the checkpoint streamed into it, then
     LoRA added. towers=True (the data has media rows): with its audio and vision towers, frozen
@@ -573,6 +624,10 @@ def build_student(cfg: Config, ds: dict, dtype, device, log, towers: bool = Fals
                           freeze_aligner=cfg.freeze_aligner)
     for _, p in lora_parameters(model):
         p.data = p.data.to(device=device, dtype=dtype)
+    if stage == 3:  # gathered once and kept, instead of at every call: the norms, routers and biases
+        for p in model.parameters():
+            if hasattr(p, "ds_id") and not p.requires_grad and p.ds_numel <= ZERO3_PERSISTENT_NUMEL:
+                p.ds_persist = True
     model.gradient_checkpointing = cfg.gradient_checkpointing
     log(f"model: {cfg.model} ({mcfg.num_hidden_layers} layers, {mcfg.num_experts} experts, "
         f"vocab {mcfg.vocab_size}{', audio and vision towers' if towers else ''}), ZeRO stage {stage}, "
@@ -728,6 +783,7 @@ def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, t
         else:  # the dataset's answer
             completions.append((b.completion_ids, b.completion_mask))
     sample_seconds = time.time() - t0
+    zero3_new_step(engine)  # the passes below repeat from step to step: ZeRO-3 can prefetch
     # the loss is per completion token of the whole global batch: every rank divides by the
     # same count, times world because DeepSpeed averages the ranks' gradients
     tokens = all_reduce_sum(sum(int(mask.sum()) for _, mask in completions), device)
@@ -758,6 +814,7 @@ def evaluate(engine, encoded_eval: list, batch_size: int, pad_id: int, beta: flo
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     was_training = engine.module.training
     engine.module.eval()
+    zero3_new_step(engine)
     total, tokens = 0.0, 0
     # every rank runs the same number of batches (an empty share repeats row 0 with weight 0)
     for i in range(math.ceil(len(encoded_eval) / (batch_size * world))):
@@ -1345,7 +1402,11 @@ def train(cfg: Config) -> str:
 
     import deepspeed
 
-    ds = deepspeed_config(cfg, dtype)
+    ds = deepspeed_config(cfg, dtype, world_size=world)
+    if cfg.deepspeed == "zero3" and ds["zero_optimization"]["stage"] == 2:
+        log("one process: ZeRO-3 would partition nothing, so --deepspeed zero3 runs as ZeRO-2 here (the "
+            "same training, without gathering every weight at every call); zero3_offload keeps the weights in "
+            "CPU memory")
     device = init_distributed(cfg)
     has_media = any(e.student_media or e.teacher_media for e in encoded + encoded_eval)
     model, summary = build_student(cfg, ds, dtype, device, log, towers=has_media)
