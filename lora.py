@@ -34,6 +34,7 @@ import os
 import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -98,7 +99,13 @@ class LoRALinear(nn.Linear):
 
 
 class LoRAExperts(Experts):
-    """Stacked experts with per-expert LoRA on the fused gate|up and on the down projections."""
+    """Stacked experts with per-expert LoRA on the fused gate|up and on the down projections.
+
+    Both expert paths of Experts get the delta: `project` inside the per-expert loop (the spec),
+    `grouped_project` as two more grouped matmuls per projection (x A^T, then B^T), so LoRA adds
+    4 grouped kernels per pass instead of ~6 ops per expert. With dropout the two paths draw
+    different masks (the loop per expert, the grouped path once over all rows): same
+    distribution, other random numbers."""
 
     def __init__(self, base: Experts, rank: int, alpha: float, dropout: float, generator=None):
         nn.Module.__init__(self)
@@ -114,10 +121,18 @@ class LoRAExperts(Experts):
         self.dropout = nn.Dropout(dropout)
         self.scaling = alpha / rank
         self.lora_enabled, self.merged = True, False
+        self.grouped = base.grouped
+
+    def lora_on(self) -> bool:
+        return self.lora_enabled and not self.merged
+
+    def matrices(self) -> list[torch.Tensor]:
+        lora = [self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B]
+        return super().matrices() + (lora if self.lora_on() else [])
 
     def per_expert(self) -> dict:
         w = super().per_expert()
-        if self.lora_enabled and not self.merged:  # switched off: the LoRA stacks are not touched
+        if self.lora_on():  # switched off: the LoRA stacks are not touched
             for which in ("gate_up", "down"):
                 w[f"{which}_A"] = getattr(self, f"lora_{which}_A").unbind(0)
                 w[f"{which}_B"] = getattr(self, f"lora_{which}_B").unbind(0)
@@ -130,9 +145,30 @@ class LoRAExperts(Experts):
             y = y + ((self.dropout(x.to(A.dtype)) @ A.T) @ B.T * self.scaling).to(y.dtype)
         return y
 
+    def grouped_project(self, x, which: str, offsets, counts):
+        y = super().grouped_project(x, which, offsets, counts)  # [S, out]
+        if self.lora_on():
+            A, B = getattr(self, f"lora_{which[:-5]}_A"), getattr(self, f"lora_{which[:-5]}_B")
+            At, Bt = A.transpose(1, 2), B.transpose(1, 2)  # [E, in, r], [E, r, out]: views
+            trained = [t for t in (At, Bt) if t.requires_grad]  # none under no_grad or when frozen
+            if trained:
+                unused = (counts == 0).view(-1, 1, 1)  # [E, 1, 1] experts without rows
+                for t in trained:
+                    t.register_hook(partial(_zero_unused_experts, unused))
+            h = F.grouped_mm(self.dropout(x.to(A.dtype)), At, offs=offsets)  # [S, r]
+            y = y + (F.grouped_mm(h, Bt, offs=offsets) * self.scaling).to(y.dtype)
+        return y
+
     def delta_weight(self, which: str):  # [E, out, in]
         A, B = getattr(self, f"lora_{which[:-5]}_A"), getattr(self, f"lora_{which[:-5]}_B")
         return torch.bmm(B.float(), A.float()) * self.scaling
+
+
+def _zero_unused_experts(unused, grad):
+    """The LoRA gradient of an expert that got no rows is 0, and is made so here: torch's grouped
+    kernel leaves those slices to the kernel, and on B200 (sm100) it has written garbage there
+    (pytorch/pytorch#172439). A fill, not a multiply: garbage may be NaN. grad [E, in, out]."""
+    return grad.masked_fill(unused, 0)
 
 
 # ----------------------------------------------------------------------------------------------

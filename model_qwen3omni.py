@@ -294,8 +294,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, kvH, S, D]
         # GQA: each kv head serves n_heads / n_kv query heads; SDPA maps them itself instead of
-        # us copying k and v n_heads / n_kv times (1.3-1.8x faster on CPU at 32/4 heads)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, H, T, D]
+        # us copying k and v n_heads / n_kv times (1.3-1.8x faster on CPU at 32/4 heads).
+        # mask None: a whole sequence with every row's pads last (Thinker.forward), where causal
+        # attention is exact and SDPA may pick FlashAttention (which takes no mask). is_causal
+        # aligns the triangle top-left, right only when queries and keys are the same tokens.
+        if mask is None and cache is not None:
+            raise ValueError("attention over a KV cache needs the boolean mask")
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -315,16 +321,46 @@ class MLP(nn.Module):
 class Experts(nn.Module):
     """All experts of one layer, stacked, so one module owns them (one ZeRO-3 gather per layer).
 
-    Input rows arrive sorted by expert; `counts[e]` rows belong to expert e. Each expert that
-    received tokens runs one matmul over all of them; experts with no tokens cost nothing.
-    `project` is the per-expert linear map, the hook where lora.py adds its per-expert delta.
+    Input rows arrive sorted by expert; `counts[e]` rows belong to expert e. Two ways to run them,
+    the same arithmetic:
+      loop     the spec: one matmul per expert that received tokens (experts with none cost
+               nothing). `project` is the per-expert linear map, the hook where lora.py adds its
+               per-expert delta. ~10 kernels per expert per forward + backward (~30 with
+               LoRA): fine on CPU, where an op costs microseconds of Python and dispatch, but on
+               a GPU each is a launch, and at 128 experts the launches, not the FLOPs, would set
+               the step time.
+      grouped  torch's grouped matmul (F.grouped_mm, as transformers' default experts path): one
+               kernel runs every expert's matmul over its slice of the sorted rows, forward and
+               backward, so a block costs a few dozen kernels whatever the expert count.
+               `grouped_project` is its hook for lora.py.
+    `grouped`: None picks per call (`use_grouped`: grouped on CUDA in bf16, the loop elsewhere);
+    True / False force one (tests run both on CPU and hold the grouped path to the loop).
     """
+
+    grouped: bool | None = None
 
     def __init__(self, num_experts: int, hidden: int, inter: int):
         super().__init__()
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))  # gate rows, then up rows
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def forward(self, x_sorted, counts):
+        """x_sorted [S, H] grouped by expert, counts [E] (tensor) rows per expert -> [S, H]."""
+        if self.use_grouped(x_sorted):
+            return self.forward_grouped(x_sorted, counts)
+        return self.forward_loop(x_sorted, counts.tolist())
+
+    def use_grouped(self, x) -> bool:
+        if self.grouped is not None:
+            return self.grouped
+        return grouped_mm_pays(x, self.matrices())
+
+    def matrices(self) -> list[torch.Tensor]:
+        """The stacked weights the projections read (lora.py adds its A and B stacks)."""
+        return [self.gate_up_proj, self.down_proj]
+
+    # -- the spec: one matmul per expert
 
     def per_expert(self) -> dict:
         """name -> tuple of per-expert views. `unbind` once per forward: indexing w[e] for every
@@ -335,8 +371,7 @@ class Experts(nn.Module):
     def project(self, x, e: int, which: str, w: dict):
         return x @ w[which][e].T
 
-    def forward(self, x_sorted, counts: list[int]):
-        """x_sorted [S, H] grouped by expert -> [S, H]."""
+    def forward_loop(self, x_sorted, counts: list[int]):
         w = self.per_expert()
         out = []
         for e, x in enumerate(x_sorted.split(counts)):
@@ -346,10 +381,48 @@ class Experts(nn.Module):
             out.append(self.project(F.silu(gate) * up, e, "down_proj", w))  # [n, H]
         return torch.cat(out)
 
+    # -- the fast path: one grouped matmul per projection
+
+    def forward_grouped(self, x_sorted, counts):
+        # offsets[e] = end of expert e's rows (int32, as the kernel wants); experts without rows
+        # are empty slices the kernel skips. Built on the device: no host sync.
+        offsets = counts.cumsum(0, dtype=torch.int32)  # [E]
+        gate_up = self.grouped_project(x_sorted, "gate_up_proj", offsets, counts)  # [S, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)  # [S, I] each
+        return self.grouped_project(F.silu(gate) * up, "down_proj", offsets, counts)  # [S, H]
+
+    def grouped_project(self, x, which: str, offsets, counts):
+        # [S, in] @ per expert [in, out] (the stack [E, out, in] transposed: a view, no copy) -> [S, out]
+        return F.grouped_mm(x, getattr(self, which).transpose(1, 2), offs=offsets)
+
+
+def grouped_mm_pays(x, weights) -> bool:
+    """Whether the grouped path is the one to take for activations `x` and stacked `weights`.
+
+    On CUDA (compute capability 8.0+, torch >= 2.10 for F.grouped_mm) in bf16, where torch's fast
+    grouped kernel runs (other dtypes would run its per-group fallback). Not on CPU: there an op
+    launches nothing, both paths take the same time within ~10% either way (BENCHMARKS.md), and
+    the loop is the spec. The kernel also wants every row 16-byte aligned (widths in bytes, data
+    pointers); a shape that is not (e.g. LoRA rank 4 in bf16: 8-byte rows) keeps the loop."""
+    if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    return all(t.dtype == torch.bfloat16 for t in (x, *weights)) and grouped_mm_aligned(weights)
+
+
+def grouped_mm_aligned(weights) -> bool:
+    """Every operand's and output's rows are multiples of 16 bytes and every stack starts on a
+    16-byte boundary (torch's grouped kernels refuse anything else). weights: stacks [E, out, in];
+    the activations share their widths and are fresh tensors (aligned by the allocator)."""
+    return all(t.data_ptr() % 16 == 0 and t.shape[1] * t.element_size() % 16 == 0
+               and t.shape[2] * t.element_size() % 16 == 0 for t in weights)
+
 
 class SparseMoE(nn.Module):
     """Top-k routed mixture of experts. Mark this class as a ZeRO-3 leaf module: its expert
-    call pattern is data dependent, so it must be gathered as one unit on every rank."""
+    call pattern is data dependent, so it must be gathered as one unit on every rank. Its
+    parameters (router, expert stacks, their LoRA) are read inside this forward only."""
 
     def __init__(self, cfg: ThinkerConfig):
         super().__init__()
@@ -368,7 +441,9 @@ class SparseMoE(nn.Module):
         # group the N*K (token, expert) pairs by expert
         flat_ids = expert_ids.reshape(-1)  # [N*K]
         order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.experts.num_experts).tolist()
+        # rows per expert [E]; scatter_add rather than bincount, which syncs with the host on CUDA
+        counts = torch.zeros(self.experts.num_experts, dtype=torch.long, device=x.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
         y = self.experts(x[order // self.top_k], counts)  # [N*K, H], sorted by expert
         y = y * weights.reshape(-1)[order, None]
         # un-sort and add the K expert outputs of each token (the reference sums a [N, K, H] stack)
@@ -619,9 +694,9 @@ def _row_positions(ids: list[int], cfg: ThinkerConfig, media: _MediaQueue):
 # The thinker
 
 
-def positions_and_mask(attention_mask, T: int):
+def positions_and_mask(attention_mask, T: int, with_mask: bool = True):
     """attention_mask [B, S] (1 = token, 0 = pad; S = cached + new) for the last T new tokens ->
-    positions [B, T] and the boolean SDPA mask [B, 1, T, S].
+    positions [B, T] and the boolean SDPA mask [B, 1, T, S] (None unless with_mask).
 
     A token's position is the number of real tokens before it, so left padding starts at 0.
     A query sees the real keys at or before it; it always sees itself too, which only matters
@@ -630,11 +705,45 @@ def positions_and_mask(attention_mask, T: int):
     B, S = attention_mask.shape
     valid = attention_mask.bool()
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, S - T:]
+    if not with_mask:
+        return positions, None
     q_idx = torch.arange(S - T, S, device=valid.device)[:, None]  # absolute index of each query
     k_idx = torch.arange(S, device=valid.device)[None, :]
     causal = k_idx <= q_idx  # [T, S]
     mask = (causal[None] & valid[:, None, :]) | (k_idx == q_idx)[None]  # [B, T, S]
     return positions, mask[:, None]
+
+
+def pads_last_layout(attention_mask):
+    """attention_mask [B, S] of a whole-sequence forward (no cache) -> (unmasked, shift):
+    unmasked: whether attention can run without a mask (every row's tokens are one contiguous run);
+    shift [B]: each row's leading pads, to roll them behind its tokens (roll_rows), or None when no
+    row starts with pads (or unmasked is False).
+
+    Why: SDPA with a boolean mask cannot run FlashAttention; with is_causal and no mask it can.
+    Plain causal attention is exact for the real tokens when every row's pads come AFTER its
+    tokens: a token then sees exactly the real tokens at or before it, and the pads (unused
+    outputs) influence no real token, in any layer. Rows padded on the left, as the trainer's
+    (left-padded prompt + right-padded completion), are brought into that layout by rolling each
+    row left by its leading pads; positions (RoPE) travel with the tokens, so nothing else
+    changes. Rows with holes inside (1 0 1) have no such layout: they keep the mask. One host
+    sync for both answers."""
+    S = attention_mask.shape[1]
+    valid = attention_mask.bool()
+    lead = valid.int().argmax(-1)  # [B] first real token (0 for an all-pad row)
+    n = valid.sum(-1)  # [B] real tokens
+    idx = torch.arange(S, device=valid.device)
+    run = (idx >= lead[:, None]) & (idx < (lead + n)[:, None])  # [B, S] one run from lead
+    unmasked, any_lead = torch.stack([(valid == run).all(), (lead > 0).any()]).tolist()
+    return unmasked, (lead if unmasked and any_lead else None)
+
+
+def roll_rows(t, shift):
+    """t [B, S, ...] -> out[b, i] = t[b, (i + shift[b]) % S]: row b rolled left by shift[b].
+    roll_rows(roll_rows(t, s), -s) is t."""
+    B, S = t.shape[:2]
+    idx = (torch.arange(S, device=t.device) + shift[:, None]) % S  # [B, S]
+    return t.gather(1, idx.view(B, S, *[1] * (t.dim() - 2)).expand_as(t))
 
 
 class LMHead(nn.Linear):
@@ -725,6 +834,9 @@ class Thinker(nn.Module):
         self.audio_tower = AudioEncoder(cfg.audio_config) if cfg.audio_config is not None else None
         self.visual = VisionEncoder(cfg.vision_config) if cfg.vision_config is not None else None
         self.gradient_checkpointing = False
+        # SDPA without a mask (is_causal, pads last) for whole-sequence forwards; False keeps the
+        # boolean mask everywhere (the reference the tests hold the unmasked path to)
+        self.causal_without_mask = True
 
     def to_empty(self, *, device, recurse: bool = True):
         """nn.Module.to_empty, then refill what no checkpoint holds: the audio tower's sinusoid table (a
@@ -881,7 +993,11 @@ class Thinker(nn.Module):
                 raise ValueError("media_inputs belong to the whole prompt (the prefill), not to a decode step")
             media, position_ids = self.resolve_media(input_ids, attention_mask, media_inputs, media, position_ids)
         x, deepstack = self.embed(input_ids, media)  # [B, T, H]
-        positions, mask = positions_and_mask(attention_mask, T)
+        # whole-sequence forwards (training, scoring) run attention without a mask, pads last (see
+        # pads_last_layout); decoding with the cache keeps the boolean mask over the cache
+        unmasked, shift = (pads_last_layout(attention_mask) if cache is None and self.causal_without_mask
+                           else (False, None))
+        positions, mask = positions_and_mask(attention_mask, T, with_mask=not unmasked)
         if position_ids is None:
             if any(m.modality in ("image", "video") and len(m.embeds) for m in media or ()):
                 raise ValueError("image/video media need 3-D position_ids [3, B, T] (see rope_index)")
@@ -893,6 +1009,10 @@ class Thinker(nn.Module):
                                      x.dtype)
         else:
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(3, B, T)}")
+        if shift is not None:  # left pads: move them behind the tokens
+            x, cos, sin = roll_rows(x, shift), roll_rows(cos, shift), roll_rows(sin, shift)
+            if deepstack is not None:  # visual tokens keep their order: they are real tokens
+                deepstack = (roll_rows(deepstack[0], shift), deepstack[1])
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
@@ -902,6 +1022,8 @@ class Thinker(nn.Module):
                 # DeepStack: the vision tower's intermediate features join the first layers' outputs
                 visual, feats = deepstack
                 x = x.index_put((visual,), x[visual] + feats[i].to(x.dtype))
+        if shift is not None:
+            x = roll_rows(x, -shift)  # back to the caller's layout
         if cache is not None:
             cache.length += T
         x = self.norm(x)

@@ -32,16 +32,27 @@ SelectBackward that materialises a zero-filled gradient of the WHOLE stacked ten
 (128 x 1.6 GB + 128 x 0.8 GB in fp32), which autograd then sums (selfkd had the same cost until
 Experts.per_expert() unbound the stacks once per forward). So full mode times HF eager only if
 --full-impls says so (~3.5 min per step; it is run once, see --max-step-s).
---proposed adds "selfkd+grouped_mm (prototype)": selfkd's SparseMoE with its expert loop replaced
-by two torch.nn.functional.grouped_mm calls (defined in this file; model_qwen3omni.py unchanged).
---profile prints torch.profiler top ops of one selfkd step per mode.
+--grouped adds "selfkd grouped": selfkd's SparseMoE on its grouped path (Experts.grouped = True:
+torch.nn.functional.grouped_mm, what it picks on CUDA in bf16), the plain "selfkd" row being the
+per-expert loop it runs on CPU. --profile prints torch.profiler top ops of one selfkd step per mode.
 
-A default run takes ~3 min on 2 idle cores (fp32; --proposed adds ~1 min). Other jobs on the
+--kernels is a separate mode, without transformers: selfkd's block with LoRA on the experts (r8,
+experts frozen, LoRA trainable, as in training), loop vs grouped path, LoRA on and off. For each it
+counts the aten ops one forward + backward dispatches (a TorchDispatchMode below autograd: the
+ops that run, backward included; "kernels" leaves out views and other metadata-only ops, which
+launch nothing), checks the grouped path against the loop (output, input gradient, LoRA
+gradients) and times both, interleaved. --device cuda runs it on a GPU (bench/gpu.sh), where it
+also counts the CUDA kernels torch.profiler sees.
+
+    .venv/bin/python bench/bench_moe.py --kernels [--tokens 256] [--device cpu|cuda] [--dtype bfloat16]
+
+A default run takes ~3 min on 2 idle cores (fp32; --grouped adds ~1 min). Other jobs on the
 machine slow selfkd's per-expert loop far more than grouped_mm (each of its ~1500 small ops per
 step waits for both OpenMP threads to be scheduled), so read the min column next to the median.
 """
 
 import argparse
+import collections
 import os
 import shlex
 import statistics
@@ -49,19 +60,19 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model_qwen3omni import Experts, SparseMoE, ThinkerConfig  # noqa: E402
+from model_qwen3omni import SparseMoE, ThinkerConfig  # noqa: E402
 
 IMPLS = ("eager", "grouped_mm")
-PROPOSED = "selfkd+grouped_mm (prototype)"
+PROPOSED = "selfkd grouped"
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=None, help="default 2048 (256 with --kernels)")
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--topk", type=int, default=8)
@@ -75,8 +86,12 @@ def parse_args():
                    help="HF experts implementations timed in full mode (eager: ~3 min per step at real width)")
     p.add_argument("--max-step-s", type=float, default=90.0,
                    help="a variant whose fwd+bwd takes longer is not repeated (its first step is the sample)")
-    p.add_argument("--proposed", action="store_true",
-                   help="also time selfkd's SparseMoE with grouped_mm experts (prototype in this file)")
+    p.add_argument("--grouped", dest="proposed", action="store_true",
+                   help="also time selfkd's SparseMoE on its grouped path (Experts.grouped = True)")
+    p.add_argument("--kernels", action="store_true",
+                   help="op counts, check and timing of selfkd's loop vs grouped path with LoRA (no transformers)")
+    p.add_argument("--device", default="cpu", help="--kernels only: cpu or cuda")
+    p.add_argument("--lora-rank", type=int, default=8, help="--kernels: LoRA rank on the experts")
     p.add_argument("--weight-grads", default=f"selfkd,HF grouped_mm,{PROPOSED}",
                    help="comma list of variants whose weight grads the check compares ('HF eager': ~3.5 min)")
     p.add_argument("--router-std", type=float, default=None,
@@ -84,6 +99,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="profile one selfkd step per mode (top ops)")
     args = p.parse_args()
+    if args.tokens is None:
+        args.tokens = 256 if args.kernels else 2048
     args.weight_grads = [n.strip() for n in args.weight_grads.split(",") if n.strip()]
     return args
 
@@ -121,30 +138,16 @@ def build(args, dtype):
     hf.experts.down_proj = ours.experts.down_proj
     assert not any(p.is_meta for p in hf.parameters())
 
-    prop = None
+    prop = None  # ours keeps Experts.grouped = None: the path selfkd picks on the device (CPU: the loop)
     if args.proposed:
         with torch.device("meta"):
             prop = SparseMoE(cfg)
-            prop.experts = GroupedExperts(E, H, I)
+        prop.experts.grouped = True
         prop.gate.weight = ours.gate.weight
         prop.experts.gate_up_proj = ours.experts.gate_up_proj
         prop.experts.down_proj = ours.experts.down_proj
         assert not any(p.is_meta for p in prop.parameters())
     return ours, hf, hf_cfg, prop, router_std
-
-
-class GroupedExperts(Experts):
-    """PROTOTYPE (not selfkd code): the expert loop as two grouped matmuls over the sorted rows.
-
-    torch.nn.functional.grouped_mm (torch >= 2.10: CPU, and CUDA sm80+ in bf16) runs every
-    expert's matmul in one op, forward and backward, so the step issues ~20 ops instead of
-    ~12 per expert. Rows of expert e are offs[e-1]:offs[e]; experts without rows are skipped.
-    (The LoRA hook would need the same treatment: grouped_mm with A^T and B^T.)"""
-
-    def forward(self, x_sorted, counts):
-        offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
 
 
 class ImplRecorder:
@@ -318,10 +321,163 @@ def profile_step(fn, x, cot, params, mode, row_limit=12):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
 
 
+# ----------------------------------------------------------------------------------------------
+# --kernels: selfkd's per-expert loop vs its grouped path, with LoRA on the experts
+
+# ops that only make or reinterpret tensor metadata (or allocate without writing): no kernel runs
+METADATA_OPS = {"detach", "empty", "empty_like", "empty_strided", "alias", "lift_fresh", "new_empty",
+                "new_empty_strided"}
+
+
+def is_metadata(func) -> bool:
+    return func.is_view or func._opname in METADATA_OPS
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run, forward and backward: a dispatch mode sits below autograd, so it
+    sees each op the engine executes (composite ops already decomposed), i.e. what a device runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def kernels(self) -> int:
+        return sum(n for f, n in self.ops.items() if not is_metadata(f))
+
+    def count(self, name) -> int:
+        return sum(n for f, n in self.ops.items() if f._opname == name)
+
+
+def lora_block(args, dtype, device):
+    """selfkd's SparseMoE at the given width, random weights (router logits ~ N(0, 1)), experts frozen,
+    LoRA on the experts (B random, so the delta is not 0) trainable."""
+    from lora import LoRAExperts
+
+    H, E, K, I = args.hidden, args.experts, args.topk, args.inter
+    cfg = ThinkerConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
+                        norm_topk_prob=True)
+    block = SparseMoE(cfg)
+    g = torch.Generator().manual_seed(args.seed)
+    router_std = args.router_std if args.router_std is not None else H ** -0.5
+    with torch.no_grad():
+        block.gate.weight.copy_(router_std * torch.randn(block.gate.weight.shape, generator=g))
+        for p in (block.experts.gate_up_proj, block.experts.down_proj):
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    block.requires_grad_(False)
+    block.experts = LoRAExperts(block.experts, args.lora_rank, 2 * args.lora_rank, 0.0, generator=g)
+    with torch.no_grad():
+        for B in (block.experts.lora_gate_up_B, block.experts.lora_down_B):
+            B.copy_(0.01 * torch.randn(B.shape, generator=g))
+    return block.to(device=device, dtype=dtype)
+
+
+def kernels(args):
+    from contextlib import nullcontext
+
+    from lora import lora_disabled
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name(device) if cuda else 'cpu'}, "
+          f"threads {torch.get_num_threads()}, dtype {args.dtype}")
+    print(f"selfkd SparseMoE: x [1, {args.tokens}, {args.hidden}], {args.experts} experts top-{args.topk}, "
+          f"intermediate {args.inter}, LoRA r{args.lora_rank} on the experts (experts frozen, LoRA trainable)")
+    block = lora_block(args, dtype, device)
+    lora = [p for n, p in block.named_parameters() if "lora_" in n]
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device=device, dtype=dtype)
+    cot = torch.randn(1, args.tokens, args.hidden, generator=g).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        ids = torch.topk(block.gate(x.view(-1, args.hidden)), args.topk).indices.reshape(-1)
+    used = int(torch.unique(ids).numel())
+    print(f"routing: {used} of {args.experts} experts get tokens")
+
+    def run(path, lora_on):
+        block.experts.grouped = path == "grouped"
+        for p in lora:
+            p.grad = None
+        xi = x.detach().requires_grad_(True)
+        with nullcontext() if lora_on else lora_disabled(block):
+            out = block(xi)
+            out.backward(cot)
+        return out.detach(), xi.grad, [p.grad for p in lora] if lora_on else []
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+    variants = [(path, on) for on in (True, False) for path in ("loop", "grouped")]
+    name = lambda v: f"{v[0]}, LoRA {'on' if v[1] else 'off'}"  # noqa: E731
+    rows = {v: {} for v in variants}
+    ok = True
+    for on in (True, False):  # check: grouped vs the loop (also the warm-up)
+        out, dx, grads = run("loop", on)
+        g_out, g_dx, g_grads = run("grouped", on)
+        worst_grad = max([rel(a, b) for a, b in zip(g_grads, grads)] or [0.0])
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        print(f"check grouped vs loop, LoRA {'on' if on else 'off'}: rel diff output {rel(g_out, out):.2e}, "
+              f"input grad {rel(g_dx, dx):.2e}, LoRA grads (max) {worst_grad:.2e}")
+        ok &= max(rel(g_out, out), rel(g_dx, dx), worst_grad) <= tol
+    for v in variants:  # op counts
+        counter = OpCounter()
+        with counter:
+            run(*v)
+        rows[v].update(ops=counter.total(), kernels=counter.kernels(), grouped_mm=counter.count("_grouped_mm"),
+                       mm=counter.count("mm"))
+        if v == ("grouped", True):
+            top = ", ".join(f"{f._opname} {n}" for f, n in counter.ops.most_common(12))
+            print(f"grouped, LoRA on, ops by name: {top}")
+        if cuda:  # the kernels the GPU actually launched
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run(*v)
+                sync()
+            rows[v]["cuda_kernels"] = sum(1 for e in prof.events()
+                                          if e.device_type == torch.autograd.DeviceType.CUDA)
+    times, cpu_times = {v: [] for v in variants}, {v: [] for v in variants}
+    for r in range(args.reps):  # interleaved, order rotating
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            sync()
+            t, c = time.perf_counter(), time.process_time()
+            run(*v)
+            sync()
+            times[v].append(time.perf_counter() - t)
+            cpu_times[v].append(time.process_time() - c)
+    print(f"\n## selfkd MoE block, fwd+bwd, {args.device}, {args.dtype}, {args.tokens} tokens, {args.experts} experts "
+          f"top-{args.topk} ({used} used), hidden {args.hidden}, intermediate {args.inter}, LoRA r{args.lora_rank}\n")
+    print("| path | aten ops | of which kernels | grouped_mm | mm |" + (" CUDA kernels (profiler) |" if cuda else "")
+          + " median s | min s |" + ("" if cuda else " CPU s |"))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---:|---:|" + ("" if cuda else "---:|"))
+    for v in variants:
+        r = rows[v]
+        print(f"| {name(v)} | {r['ops']:,} | {r['kernels']:,} | {r['grouped_mm']} | {r['mm']} |"
+              + (f" {r['cuda_kernels']:,} |" if cuda else "")
+              + f" {statistics.median(times[v]):.4f} | {min(times[v]):.4f} |"
+              + ("" if cuda else f" {statistics.median(cpu_times[v]):.4f} |"))
+    print(f"\n{args.reps} interleaved reps after the check pass: wall-clock median and min, and (CPU) the median "
+          "process CPU time over all threads, which other jobs on a shared machine disturb less; load average "
+          "%.2f %.2f %.2f" % os.getloadavg())
+    print("command: " + shlex.join([os.path.relpath(sys.executable)] + sys.argv))
+    print(f"check {'passed' if ok else 'FAILED'}")
+    if not ok:
+        sys.exit(1)
+
+
 def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.kernels:
+        return kernels(args)
     dtype = getattr(torch, args.dtype)
     modes = [m for m in args.modes.split(",") if m]
     impls = {"frozen": [i for i in args.impls.split(",") if i], "full": [i for i in args.full_impls.split(",") if i]}
@@ -378,7 +534,7 @@ def main():
           "is faster; the minimum is the least disturbed by other jobs)"
           + (f"; last column: HF / {PROPOSED}" if prop is not None else "") + "\n")
     print("| mode | variant | n | fwd s | fwd+bwd s | min fwd+bwd s | ratio vs selfkd (median) | ratio (min) |"
-          + (" ratio HF / prototype |" if prop is not None else ""))
+          + (" ratio HF / selfkd grouped |" if prop is not None else ""))
     print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if prop is not None else ""))
     for mode in modes:
         base, bmin = results[mode]["selfkd"][2:]
