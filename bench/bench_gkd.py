@@ -13,10 +13,15 @@ peer is transformers' Qwen3OmniMoeThinkerForConditionalGeneration from_pretraine
 LoRA r8 alpha16 dropout 0 on q,k,v,o and the experts on both sides; its B is randomised (so the
 student differs from the teacher) and PEFT loads OUR adapter file, so the LoRA weights match too.
 
-selfkd   a plain single-process loop (no DeepSpeed) doing what the trainer does:
-         selfkd.gkd_loss_sums (teacher pass under no_grad + lora_disabled returning hidden
-         states, student pass, chunked_jsd_loss_sum on the completion positions only),
-         backward, AdamW step; on-policy: model_qwen3omni.generate + selfkd.sample_next first.
+selfkd   the trainer's own step, selfkd.train_step, on the DeepSpeed engine that `selfkd.py` builds
+         on one process (the zero3 preset resolved for world size 1: ZeRO-2; AdamW as train() makes
+         it; gradient clipping 1.0): selfkd.gkd_loss_sums (teacher pass under no_grad +
+         lora_disabled returning hidden states, student pass, chunked_jsd_loss_sum on the completion
+         positions only), engine.backward, engine.step; on-policy: selfkd.sample_completions first.
+         It runs on a second copy of the model (DeepSpeed's hooks take over its LoRA gradients).
+bare     the same arithmetic without the engine: gkd_loss_sums, backward, torch AdamW (on-policy:
+         model_qwen3omni.generate + selfkd.sample_next first); "selfkd / bare" is what the engine
+         and train_step's bookkeeping cost. The memory section measures this bare loop.
 peer     transformers thinker + peft LoRA (teacher = `with peft_model.disable_adapter()`),
          TRL 1.16 GKDTrainer.compute_loss (student, then teacher full-sequence logits, shift,
          GKDTrainer.generalized_jsd_loss over all positions with labels masking the prompt) with
@@ -206,12 +211,16 @@ def lora_params(model):
 
 
 def make_data(a, cfg):
+    from data import Batch
+
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size - 2, (a.batch, a.prompt), generator=g).to(a.device)
     completion = torch.randint(0, cfg.vocab_size - 2, (a.batch, a.completion), generator=g).to(a.device)
     ones = lambda t: torch.ones_like(t)  # noqa: E731  all rows full length (left padding would be all-zero)
+    batch = Batch(student_prompt_ids=prompt, student_prompt_mask=ones(prompt), teacher_prompt_ids=prompt,
+                  teacher_prompt_mask=ones(prompt), completion_ids=completion, completion_mask=ones(completion))
     return SimpleNamespace(prompt_ids=prompt, prompt_mask=ones(prompt), completion_ids=completion,
-                           completion_mask=ones(completion))
+                           completion_mask=ones(completion), batch=batch)
 
 
 def sync(a):
@@ -247,8 +256,44 @@ def selfkd_generate(a, cfg, model, data, generator):
         model.train(was)
 
 
+def selfkd_engine(a, cfg, path):
+    """Our model (a second copy, the same weights and LoRA) in the DeepSpeed engine `selfkd.py` builds on
+    one process: selfkd.deepspeed_config for the zero3 preset at world size 1 (ZeRO-2), a 1-rank process
+    group (gloo on CPU, nccl on CUDA), AdamW as train() makes it."""
+    import deepspeed
+
+    from lora import lora_parameters
+    from selfkd import Config, deepspeed_config, init_distributed
+
+    run = Config(deepspeed="zero3", torch_dtype=a.dtype, per_device_train_batch_size=a.batch, learning_rate=1e-5,
+                 lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+    ds = deepspeed_config(run, torch_dtype(a), world_size=1)
+    init_distributed(run)
+    model = load_ours(a, path, cfg)
+    opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=run.learning_rate,
+                            betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon, weight_decay=run.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine
+
+
+def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=None):
+    """selfkd.train_step: one optimizer step, as the training loop calls it. -> loss (float)."""
+    from selfkd import sample_completions, train_step
+
+    def sample(prompt_ids, prompt_mask, media_inputs):  # exactly --completion tokens (no eos id < vocab)
+        return sample_completions(engine, prompt_ids, prompt_mask, generator, max_new_tokens=a.completion,
+                                  temperature=a.temperature, top_k=0, top_p=1.0, eos_ids=[cfg.vocab_size], pad_id=0,
+                                  gather=True, media_inputs=media_inputs)
+
+    result = train_step(engine, [data.batch], "on-policy" if on_policy else "dataset", sample, a.beta,
+                        a.temperature, 0.0, 1e-5)
+    if times is not None and on_policy:
+        times["gen"] = result["sample_seconds"]
+    return result["jsd_sum"] / result["tokens"]
+
+
 def selfkd_step(a, cfg, model, opt, data, on_policy, generator=None, times=None, do_step=True):
-    """-> loss (float). `times` gets the generation seconds."""
+    """The bare step (no engine) -> loss (float). `times` gets the generation seconds."""
     from selfkd import gkd_loss_sums
 
     cids, cmask = data.completion_ids, data.completion_mask
@@ -258,9 +303,7 @@ def selfkd_step(a, cfg, model, opt, data, on_policy, generator=None, times=None,
         sync(a)
         if times is not None:
             times["gen"] = time.perf_counter() - t
-    batch = SimpleNamespace(teacher_prompt_ids=data.prompt_ids, teacher_prompt_mask=data.prompt_mask,
-                            student_prompt_ids=data.prompt_ids, student_prompt_mask=data.prompt_mask)
-    jsd, _, n = gkd_loss_sums(Engine(model), batch, cids, cmask, a.beta, a.temperature, with_sft=False)
+    jsd, _, n = gkd_loss_sums(Engine(model), data.batch, cids, cmask, a.beta, a.temperature, with_sft=False)
     return backward_and_step(jsd / max(n, 1), opt, do_step)
 
 
@@ -579,7 +622,7 @@ def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def run_step(a, cfg, ours, peer, data, results, log):
+def run_step(a, cfg, ours, engine, peer, data, results, log):
     tok = a.batch * a.completion
     log(f"\n## GKD step (batch {a.batch}, prompt {a.prompt}, completion {a.completion}: {tok} completion tokens; "
         f"beta {a.beta}, T {a.temperature}; gradient checkpointing off unless -gc)")
@@ -596,25 +639,32 @@ def run_step(a, cfg, ours, peer, data, results, log):
     t2 = time.perf_counter()
     oopt.zero_grad(set_to_none=True)
     popt.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
+    le = selfkd_train_step(a, cfg, engine, data, False)  # warm-up of the engine (the same weights: the same loss)
+    t4 = time.perf_counter()
     log(f"check (off-policy, before any update): loss selfkd {lo:.7f} peer {lp:.7f} "
         f"(rel diff {abs(lo - lp) / abs(lp):.2e}); LoRA grad norm selfkd {go:.6e} peer {gp:.6e} "
-        f"(rel diff {abs(go - gp) / gp:.2e}); warm-up s: selfkd {t1 - t:.2f}, peer {t2 - t1:.2f}")
-    results["check"] = {"loss_selfkd": lo, "loss_peer": lp, "grad_norm_selfkd": go, "grad_norm_peer": gp}
+        f"(rel diff {abs(go - gp) / gp:.2e}); train_step loss {le:.7f}; warm-up s: bare {t1 - t:.2f}, "
+        f"peer {t2 - t1:.2f}, train_step {t4 - t3:.2f}")
+    results["check"] = {"loss_selfkd": lo, "loss_peer": lp, "grad_norm_selfkd": go, "grad_norm_peer": gp,
+                        "loss_train_step": le}
 
     gen = torch.Generator(device=a.device).manual_seed(0)
     variants = {
-        "selfkd-off": lambda tm: selfkd_step(a, cfg, ours, oopt, data, False),
+        "selfkd-off": lambda tm: selfkd_train_step(a, cfg, engine, data, False),
+        "bare-off": lambda tm: selfkd_step(a, cfg, ours, oopt, data, False),
         "peer-off": lambda tm: peer_step(a, peer, teacher, popt, data, False),
-        "selfkd-on": lambda tm: selfkd_step(a, cfg, ours, oopt, data, True, gen, tm),
+        "selfkd-on": lambda tm: selfkd_train_step(a, cfg, engine, data, True, gen, tm),
+        "bare-on": lambda tm: selfkd_step(a, cfg, ours, oopt, data, True, gen, tm),
         "peer-on": lambda tm: peer_step(a, peer, teacher, popt, data, True, tm),
     }
     if not a.no_gc_row:
         def gc_step(tm):
-            ours.gradient_checkpointing = True
+            engine.module.gradient_checkpointing = True
             try:
-                return selfkd_step(a, cfg, ours, oopt, data, False)
+                return selfkd_train_step(a, cfg, engine, data, False)
             finally:
-                ours.gradient_checkpointing = False
+                engine.module.gradient_checkpointing = False
         variants["selfkd-off-gc"] = gc_step
     names = list(variants)
     times = {n: [] for n in names}
@@ -635,11 +685,13 @@ def run_step(a, cfg, ours, peer, data, results, log):
     log(f"{'variant':<14} {'median s':>9} {'tokens/s':>9} {'gen s':>7} {'all s'}")
     for n in names:
         m = med(times[n])
-        rows[n] = {"median_s": m, "tokens_per_s": tok / m, "times": times[n], "gen_median_s": med(gen_times[n])}
+        rows[n] = {"median_s": m, "min_s": min(times[n]), "tokens_per_s": tok / m, "times": times[n],
+                   "gen_median_s": med(gen_times[n])}
         log(f"{n:<14} {m:9.3f} {tok / m:9.1f} {med(gen_times[n]):7.2f} {[round(x, 2) for x in times[n]]}")
     for branch in ("off", "on"):
-        o, p = rows[f"selfkd-{branch}"], rows[f"peer-{branch}"]
-        log(f"  {branch}-policy: peer / selfkd time = {p['median_s'] / o['median_s']:.2f}x")
+        o, p, b = rows[f"selfkd-{branch}"], rows[f"peer-{branch}"], rows[f"bare-{branch}"]
+        log(f"  {branch}-policy: peer / selfkd time = {p['median_s'] / o['median_s']:.2f}x; selfkd (train_step) / "
+            f"bare = {o['median_s'] / b['median_s']:.2f}x (fastest reps: {o['min_s'] / b['min_s']:.2f}x)")
     results["step"] = rows
 
     # FLOPs and the matmul peak, same process
@@ -653,7 +705,8 @@ def run_step(a, cfg, ours, peer, data, results, log):
         f"{'executed GFLOP/s':>16} {'exec. frac':>10}")
     frows = {}
     for name in names:
-        side, branch = ("selfkd" if name.startswith("selfkd") else "peer"), ("on" if "-on" in name else "off")
+        side = "selfkd" if name.startswith(("selfkd", "bare")) else "peer"
+        branch = "on" if "-on" in name else "off"
         model_f, exec_f = fl[branch]["model"], fl[branch][side]
         if name.endswith("-gc"):
             exec_f += fl["off"]["student_fwd"]  # checkpointing recomputes the student forward of the body
@@ -667,16 +720,15 @@ def run_step(a, cfg, ours, peer, data, results, log):
     results["flops"] = {"matmul_n": n, "matmul_gflops": peak, "rows": frows}
 
 
-def run_profile(a, cfg, ours, peer, data, log):
+def run_profile(a, cfg, engine, peer, data, log):
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
-    oopt = torch.optim.AdamW(lora_params(ours), lr=1e-5)
     popt = torch.optim.AdamW(lora_params(peer), lr=1e-5)
     gen = torch.Generator(device=a.device).manual_seed(0)
     sort = "self_device_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
-    for name, fn in (("selfkd-off", lambda: selfkd_step(a, cfg, ours, oopt, data, False)),
-                     ("selfkd-on", lambda: selfkd_step(a, cfg, ours, oopt, data, True, gen)),
+    for name, fn in (("selfkd-off", lambda: selfkd_train_step(a, cfg, engine, data, False)),
+                     ("selfkd-on", lambda: selfkd_train_step(a, cfg, engine, data, True, gen)),
                      ("peer-off", lambda: peer_step(a, peer, shared_teacher(peer), popt, data, False))):
         with profile(activities=acts) as prof:
             fn()
@@ -854,6 +906,10 @@ def summary(a, cfg, results, log):
             o, p = s[f"selfkd-{b}"], s[f"peer-{b}"]
             log(f"| GKD step {b}-policy, s (tokens/s) | {o['median_s']:.2f} ({o['tokens_per_s']:.0f}) | "
                 f"{p['median_s']:.2f} ({p['tokens_per_s']:.0f}) | {p['median_s'] / o['median_s']:.2f}x |")
+        for b in ("off", "on"):
+            o, p = s[f"selfkd-{b}"], s[f"bare-{b}"]
+            log(f"| GKD step {b}-policy: train_step on the engine vs the bare step, s | {o['median_s']:.2f} | "
+                f"{p['median_s']:.2f} (bare) | {o['median_s'] / p['median_s']:.2f}x (selfkd / bare) |")
         if "selfkd-off-gc" in s:
             g = s["selfkd-off-gc"]
             log(f"| GKD step off-policy, selfkd grad. ckpt on, s | {g['median_s']:.2f} | | |")
@@ -891,6 +947,7 @@ def main(argv=None):
     a = parse_args(argv)
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     import selfkd  # noqa: F401  (first, so that bench_loss's sys.path edit cannot pick another copy under --src)
 
     if a.worker:
@@ -918,7 +975,7 @@ def main(argv=None):
         f"LoRA r8 alpha16 dropout 0 on q,k,v,o + experts")
     path = ensure_checkpoint(a, cfg, log)
     needs_models = any(s in a.only for s in ("step", "gen")) or ("memory" in a.only and a.device != "cpu")
-    ours = peer = data = None
+    ours = peer = data = engine = None
     if needs_models:
         t = time.perf_counter()
         ours = load_ours(a, path, cfg)
@@ -929,15 +986,20 @@ def main(argv=None):
             f"{getattr(hf_cfg.text_config, '_experts_implementation', None) or getattr(hf_cfg, '_experts_implementation', None)!r}, "
             f"attention {getattr(hf_cfg.text_config, '_attn_implementation', None)!r}; trainable LoRA params: selfkd "
             f"{sum(p.numel() for p in lora_params(ours)):,}, peft {sum(p.numel() for p in lora_params(peer)):,}")
+    if "step" in a.only or a.profile:
+        t = time.perf_counter()
+        engine = selfkd_engine(a, cfg, path)
+        log(f"DeepSpeed engine for train_step: ZeRO stage {engine.zero_optimization_stage()} "
+            f"({time.perf_counter() - t:.1f} s)")
     if "step" in a.only:
-        run_step(a, cfg, ours, peer, data, results, log)
+        run_step(a, cfg, ours, engine, peer, data, results, log)
     if "gen" in a.only:
         run_gen(a, cfg, ours, peer, data, results, log)
     if a.profile:
-        run_profile(a, cfg, ours, peer, data, log)
+        run_profile(a, cfg, engine, peer, data, log)
     if "memory" in a.only and a.device != "cpu":
         run_memory_cuda(a, cfg, ours, peer, data, results, log)
-    del ours, peer, data
+    del ours, peer, data, engine
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
     if "loss" in a.only:

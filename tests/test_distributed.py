@@ -28,7 +28,7 @@ def launch(nproc: int, runs: str, model_dir: str, out: str) -> dict:
            os.path.join(ROOT, "tests", "dist_worker.py"), model_dir, out, runs]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
