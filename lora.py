@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_qwen3omni import MLP, Attention, Experts, Thinker, other_tensors, save_released
+from model_qwen3omni import MLP, Attention, Experts, Thinker, grouped_mm, other_tensors, save_released
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = LINEAR_TARGETS + ("experts",)
@@ -155,8 +155,8 @@ class LoRAExperts(Experts):
                 unused = (counts == 0).view(-1, 1, 1)  # [E, 1, 1] experts without rows
                 for t in trained:
                     t.register_hook(partial(_zero_unused_experts, unused))
-            h = F.grouped_mm(self.dropout(x.to(A.dtype)), At, offs=offsets)  # [S, r]
-            y = y + (F.grouped_mm(h, Bt, offs=offsets) * self.scaling).to(y.dtype)
+            h = grouped_mm(self.dropout(x.to(A.dtype)), At, offsets)  # [S, r]
+            y = y + (grouped_mm(h, Bt, offsets) * self.scaling).to(y.dtype)
         return y
 
     def delta_weight(self, which: str):  # [E, out, in]

@@ -393,20 +393,28 @@ class Experts(nn.Module):
 
     def grouped_project(self, x, which: str, offsets, counts):
         # [S, in] @ per expert [in, out] (the stack [E, out, in] transposed: a view, no copy) -> [S, out]
-        return F.grouped_mm(x, getattr(self, which).transpose(1, 2), offs=offsets)
+        return grouped_mm(x, getattr(self, which).transpose(1, 2), offsets)
+
+
+def grouped_mm(x, w, offsets):
+    """x [S, in], w [E, in, out], offsets [E] int32 (end of each group's rows) -> [S, out]: rows
+    offsets[e-1]:offsets[e] times w[e]. F.grouped_mm (torch >= 2.10), else torch._grouped_mm, the
+    same op under its earlier private name."""
+    return (F.grouped_mm if hasattr(F, "grouped_mm") else torch._grouped_mm)(x, w, offs=offsets)
 
 
 def grouped_mm_pays(x, weights) -> bool:
     """Whether the grouped path is the one to take for activations `x` and stacked `weights`.
 
-    On CUDA (compute capability 8.0+, torch >= 2.10 for F.grouped_mm) in bf16, where torch's fast
-    grouped kernel runs (other dtypes would run its per-group fallback). Not on CPU: there an op
+    On CUDA in bf16, where torch's fast grouped kernel runs (other dtypes would run its per-group
+    fallback): compute capability 8.0+ with F.grouped_mm (torch >= 2.10), 9.0+ with the earlier
+    torch._grouped_mm (Hopper only in torch 2.8), not at all before. Not on CPU: there an op
     launches nothing, both paths take the same time within ~10% either way (BENCHMARKS.md), and
     the loop is the spec. The kernel also wants every row 16-byte aligned (widths in bytes, data
     pointers); a shape that is not (e.g. LoRA rank 4 in bf16: 8-byte rows) keeps the loop."""
-    if not hasattr(F, "grouped_mm") or x.device.type != "cuda":
+    if x.device.type != "cuda" or not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return False
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    if torch.cuda.get_device_capability(x.device) < ((8, 0) if hasattr(F, "grouped_mm") else (9, 0)):
         return False
     return all(t.dtype == torch.bfloat16 for t in (x, *weights)) and grouped_mm_aligned(weights)
 

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# GPU benchmark: selfkd vs the Hugging Face stack (transformers + peft + TRL) on ONE H100/H200, bf16,
-# the real Qwen3-Omni width with a few layers. Sized to finish in under 8 minutes (~1 min checkpoint
-# build, ~1 min loading, ~3 min timing).
+# GPU benchmark: selfkd's GPU-shaped kernels, then selfkd vs the Hugging Face stack (transformers + peft +
+# TRL) on ONE H100/H200, bf16, the real Qwen3-Omni width with a few layers. Sized to finish in under
+# 10 minutes (kernels ~2 min; bench_gkd: ~1 min checkpoint build, ~1 min loading, ~3 min timing).
 #
-#   bash bench/gpu.sh                 # writes $OUT/bench_gkd_gpu.{txt,json} ($OUT defaults to bench/out)
+#   bash bench/gpu.sh                 # writes $OUT/*.txt, bench_gkd_gpu.json ($OUT defaults to bench/out)
 #   LAYERS=2 PROMPT=128 COMPLETION=128 bash bench/gpu.sh   # smaller, if time is short
 #
-# What it measures (bench/bench_gkd.py --device cuda --dtype bfloat16 --real-width):
+# First the new paths, each capped and allowed to fail without stopping the rest:
+#   moe_kernels  bench/bench_moe.py --kernels --device cuda: selfkd's MoE block at real width with LoRA r8
+#                on the experts, per-expert loop vs grouped path (F.grouped_mm, what selfkd picks on CUDA
+#                in bf16), LoRA on and off: grouped == loop check, aten ops and CUDA kernels per fwd+bwd
+#                (profiler), time
+#   attention    bench/bench_attention.py --device cuda: a left-padded prompt + right-padded completion
+#                batch, SDPA with the boolean mask vs without (pads rolled last, is_causal): equal hidden
+#                states and LoRA gradients, which SDPA kernels ran (FlashAttention unmasked?), time
+#   memory_plan  python selfkd.py ... --estimate_memory for the checkpoint bench_gkd builds (only if this
+#                checkout has the flag; run after bench_gkd, whose memory section measures the peak)
+#
+# What bench_gkd measures (bench/bench_gkd.py --device cuda --dtype bfloat16 --real-width):
 #   model    hidden 2048, 32/4 heads x 128, 128 experts top-8, expert intermediate 768, vocab 152064,
 #            $LAYERS layers (default 4), LoRA r8 alpha16 on q,k,v,o + experts, random weights shared by both
 #   step     one GKD step (off-policy and on-policy), median of 3 interleaved reps: completion tokens/s and
@@ -56,9 +67,26 @@ for name in ("torch", "transformers", "peft", "trl", "safetensors", "tokenizers"
 EOF
 } 2>&1 | tee "$OUT/env.txt"
 
+# selfkd's GPU-shaped kernels: the grouped MoE path and attention without a mask
+timeout 150 "$PYTHON" bench/bench_moe.py --kernels --device cuda --dtype bfloat16 --tokens 1024 --reps 5 2>&1 \
+  | tee "$OUT/moe_kernels_gpu.txt" || echo "bench_moe --kernels failed or timed out (exit $?)"
+timeout 90 "$PYTHON" bench/bench_attention.py --device cuda --dtype bfloat16 --batch 4 --prompt 1024 \
+  --completion 512 --layers 2 --reps 5 2>&1 | tee "$OUT/attention_gpu.txt" || echo "bench_attention failed (exit $?)"
+
 # The checkpoint (random weights, released layout) is built on the GPU and cached under /tmp.
 set -o pipefail
 timeout "$BUDGET_S" "$PYTHON" bench/bench_gkd.py --device cuda --dtype bfloat16 --real-width --layers "$LAYERS" \
   --batch 4 --prompt "$PROMPT" --completion "$COMPLETION" --reps "$REPS" \
   --only step,memory,loss,gen,moe --no-gc-row --ckpt-dir /tmp/selfkd_bench \
-  --json "$OUT/bench_gkd_gpu.json" 2>&1 | tee "$OUT/bench_gkd_gpu.txt"
+  --json "$OUT/bench_gkd_gpu.json" 2>&1 | tee "$OUT/bench_gkd_gpu.txt" || echo "bench_gkd failed (exit $?)"
+
+# The memory plan for the same checkpoint and batch, one process (only when selfkd.py has --estimate_memory).
+# Compare its peak with the memory section above (torch.cuda.max_memory_allocated of the benchmark's step).
+if "$PYTHON" selfkd.py --help 2>/dev/null | grep -q -- '--estimate_memory'; then
+  CKPT=/tmp/selfkd_bench/h2048-l${LAYERS}-e128k8-i768-v152064-bf16
+  timeout 60 "$PYTHON" selfkd.py --model "$CKPT" --dataset data/sample_alpaca.jsonl --torch_dtype bfloat16 \
+    --per_device_train_batch_size 4 --max_length $((PROMPT + COMPLETION)) --max_completion_length "$COMPLETION" \
+    --estimate_memory --world_size 1 2>&1 | tee "$OUT/memory_plan_gpu.txt" || echo "--estimate_memory failed (exit $?)"
+else
+  echo "selfkd.py has no --estimate_memory here (or --help failed): no memory plan"
+fi
