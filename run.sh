@@ -14,6 +14,7 @@
 #                                             --max_steps / --num_train_epochs replaces the default's 40 steps)
 #   bash run.sh --help                        every flag and command
 #   bash run.sh check [flags]                 validate flags, model and data for this launch; start nothing
+#   bash run.sh check --estimate_memory [flags]   what each GPU of this launch will hold, by phase (config.json only)
 #   bash run.sh evaluate|generate|export|curve ...   after training, in one process (see --help)
 #   HOSTFILE=/path/hostfile MODEL=... bash run.sh   multi-node through DeepSpeed's launcher
 #   NPROC=4 bash run.sh                       override the number of processes on this node

@@ -47,6 +47,7 @@ from data import (TEACHER_SEES_TRANSCRIPT, Batch, DataError, collate, encode_exa
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged,
                   inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter)
+import memory_plan
 from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_thinker,
                              load_weights, resolve_dtype, sample_next)
 from tiny import DEFAULT_MODEL_DIR, ensure_default_model
@@ -214,8 +215,9 @@ class Config:
     attn_impl: str = _flag(
         "sdpa",
         "recorded for ms-swift compatibility: selfkd always calls torch's "
-        "scaled_dot_product_attention with a boolean padding + causal mask, which runs its "
-        "memory-efficient or math kernel (FlashAttention takes no mask)",
+        "scaled_dot_product_attention; whole-sequence passes (training, scoring) run it causal "
+        "without a mask (left pads moved behind each row), so it may pick FlashAttention; decoding "
+        "with the KV cache passes a boolean mask (memory-efficient or math kernel)",
         choices=("flash_attention_2", "sdpa", "eager"),
     )
     gradient_checkpointing: bool = _flag(True, "recompute decoder layers in backward to save memory")
@@ -223,6 +225,16 @@ class Config:
         True,
         "gather the ZeRO-3 weights once per generation instead of at every decode step "
         "(much faster; costs one full bf16 copy of the model per GPU)",
+    )
+    estimate_memory: bool = _flag(
+        False, "print what each GPU will hold, phase by phase (parameters, optimizer state, ZeRO-3's gathered "
+        "weights, activations, loss, generation, checkpoint save), from config.json alone (no weights), and "
+        "exit; the last line is 'peak per GPU: X GiB in <phase>'. `bash run.sh check --estimate_memory` plans "
+        "the processes run.sh would start"
+    )
+    world_size: int | None = _flag(
+        None, "processes (GPUs) --estimate_memory plans for (None: $WORLD_SIZE, else the local GPUs, else 1)",
+        type=parse_optional_int
     )
     # --- outputs ---
     output_dir: str = _flag("output", "where checkpoints and logs go")
@@ -387,6 +399,7 @@ def _validate(c: Config) -> None:
     _check(0 <= c.adam_beta2 < 1, "adam_beta2", c.adam_beta2, "must be in [0, 1)")
     _check(c.adam_epsilon > 0, "adam_epsilon", c.adam_epsilon, "must be > 0")
     _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "must be >= 0 (0 = no clipping)")
+    _check(c.world_size is None or c.world_size > 0, "world_size", c.world_size, "must be > 0")
     _check(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit",
            c.save_total_limit, "must be >= 1, or None to keep every checkpoint")
     if c.deepspeed not in DEEPSPEED_PRESETS:
@@ -1409,6 +1422,9 @@ def train(cfg: Config) -> str:
             "CPU memory")
     device = init_distributed(cfg)
     has_media = any(e.student_media or e.teacher_media for e in encoded + encoded_eval)
+    for line in memory_plan.start_lines(cfg, ds, world, has_media, device,  # the plan's peak; a warning if too big
+                                        persistent_numel=ZERO3_PERSISTENT_NUMEL):
+        log(line)
     model, summary = build_student(cfg, ds, dtype, device, log, towers=has_media)
     log("Using shared base model architecture:\n"
         "  Student model: base_model + LoRA (trainable)\n"
@@ -1544,13 +1560,15 @@ COMMANDS = {
     "train": "train on this process, or on every rank of torchrun / the deepspeed launcher (the default)",
     "launch": "check in one process, then train on --nproc_per_node N local processes (torchrun); exit "
               "codes and messages as for one process",
-    "check": "validate flags, model directory and dataset and print the plan; start nothing",
+    "check": "validate flags, model directory and dataset and print the plan; start nothing (with "
+             "--estimate_memory: the per-GPU memory plan for --nproc_per_node processes instead)",
     "evaluate": "eval JSD per token on a dataset's held-out split, of the base and of --adapter",
     "generate": "completions for the prompts in --prompts FILE, with --adapter (or the base without it)",
     "export": "merge --adapter into the base and write the released checkpoint layout to --out DIR",
     "curve": "write OUTPUT_DIR/curve.png from OUTPUT_DIR/metrics.jsonl (any run, also a running one)",
 }
 USAGE = """selfkd [train] [--flag value ...]
+       selfkd --estimate_memory [--world_size N] [--flag value ...]
        selfkd launch [--nproc_per_node N] [--flag value ...]
        selfkd check [--nproc_per_node N] [--flag value ...]
        selfkd evaluate [--adapter CHECKPOINT] [--flag value ...]
@@ -1858,9 +1876,21 @@ def _nproc(argv: list[str]) -> tuple[int, list[str]]:
     return nproc, rest
 
 
+def estimate_memory_command(cfg: Config, world: int | None = None) -> None:
+    """--estimate_memory: the per-GPU memory plan (memory_plan.py) from config.json alone; starts nothing.
+    Plans --world_size processes, else `world` (check's --nproc_per_node), $WORLD_SIZE, the local GPUs, 1."""
+    if cfg.model is None:
+        cfg.model = ensure_default_model()
+    world = cfg.world_size or world or int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 1
+    ds = deepspeed_config(cfg, resolve_dtype(cfg.torch_dtype), world_size=world)
+    print(memory_plan.plan_for(cfg, ds, world, persistent_numel=ZERO3_PERSISTENT_NUMEL).table(), flush=True)
+
+
 def check_command(argv: list[str]) -> None:
     nproc, rest = _nproc(argv)
     cfg = parse_args(rest)
+    if cfg.estimate_memory:
+        return estimate_memory_command(cfg, nproc)
     plan = plan_run(cfg, nproc)
     for line in data_report(cfg, plan):
         print(line)
@@ -1972,7 +2002,10 @@ def train_command(argv: list[str]) -> None:
         sys.stdout = open(os.devnull, "w")
     try:
         cfg = parse_args(argv)
-        train(cfg)
+        if cfg.estimate_memory:
+            estimate_memory_command(cfg)
+        else:
+            train(cfg)
     except SystemExit:
         raise
     except BaseException as err:  # noqa: BLE001 - every way out is reported once, with one exit code
