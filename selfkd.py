@@ -471,7 +471,13 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
         torch.distributed.all_reduce(flag)
         return flag.item() == 0
 
+    # a completion never carries a media placeholder: sampled, one would meet no tower output in
+    # the loss's forward (the ids exist in the vocabulary; a random or drifting model can pick them)
+    placeholders = [i for i in (model.cfg.audio_token_id, model.cfg.image_token_id, model.cfg.video_token_id)
+                    if i < model.cfg.vocab_size]
+
     def pick(logits):
+        logits[:, placeholders] = float("-inf")
         return sample_next(logits, temperature, top_k, top_p, generator)
 
     was_training = model.training

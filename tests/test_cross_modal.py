@@ -137,3 +137,24 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     assert final_a.keys() == final_b.keys()
     for k in final_a:
         assert torch.equal(final_a[k], final_b[k]), k
+
+
+def test_sampling_never_emits_a_media_placeholder(tiny_model_dir):
+    """A placeholder in a completion would meet no tower output in the loss's forward; even a model
+    that prefers them (here: their lm_head rows boosted) samples something else."""
+    from selfkd import sample_completions
+    from tiny import QWEN_TOKEN_IDS
+
+    model = load_thinker(tiny_model_dir, dtype=torch.float32)
+    pads = [QWEN_TOKEN_IDS[t] for t in ("<|image_pad|>", "<|audio_pad|>", "<|video_pad|>")]
+    with torch.no_grad():
+        model.lm_head.weight[pads] *= 50.0
+    tok = load_tokenizer(tiny_model_dir)
+    ids = torch.tensor([tok.encode("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")])
+    plain = model.lm_head(model(ids, return_hidden=True)[:, -1])
+    assert plain.argmax(-1).item() in pads  # the boosted model would pick one
+    for temperature in (0.0, 2.0):
+        out, _ = sample_completions(model, ids, torch.ones_like(ids), torch.Generator().manual_seed(0),
+                                    max_new_tokens=8, temperature=temperature, top_k=0, top_p=1.0,
+                                    eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False)
+        assert not torch.isin(out, torch.tensor(pads)).any(), out
