@@ -73,26 +73,23 @@ for arg in "$@"; do
     case "$arg" in --max_steps|--max_steps=*|--num_train_epochs|--num_train_epochs=*) USER_LENGTH=true ;; esac
 done
 
-if [ -z "${MODEL:-}" ] && [ "${DEMO:-}" = omni ]; then
-    # cross-modal: the student hears and sees the media of data/sample_omni.jsonl, the teacher
-    # (the same model, LoRA off) reads their transcripts and captions instead
-    ARGS=(--dataset "${DATASET:-data/sample_omni.jsonl}" --split_dataset_ratio 0.2
-          --torch_dtype "$([ "$NGPU" -eq 0 ] && echo float32 || echo bfloat16)"
-          --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules ALL
-          --max_length 1024 --max_completion_length 24 --lmbda 0.5 --temperature 2.0 --beta 0.5
-          --teacher_sees_transcript true --per_device_train_batch_size 4 --per_device_eval_batch_size 4
-          --learning_rate 3e-3 --warmup_ratio 0.05 --deepspeed zero3
-          --output_dir output/omni --eval_steps 10 --save_steps 20 --save_total_limit 2 --logging_steps 5)
-    $USER_LENGTH || ARGS+=(--max_steps 40)
-elif [ -z "${MODEL:-}" ]; then
+if [ -z "${MODEL:-}" ]; then
     # tiny model: float32 on CPU, a learning rate that moves a random model in 40 steps
-    ARGS=(--dataset "${DATASET:-data/sample_alpaca.jsonl}" --split_dataset_ratio 0.05
-          --torch_dtype "$([ "$NGPU" -eq 0 ] && echo float32 || echo bfloat16)"
+    ARGS=(--torch_dtype "$([ "$NGPU" -eq 0 ] && echo float32 || echo bfloat16)"
           --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules ALL
-          --max_length 256 --max_completion_length 24 --lmbda 0.5 --temperature 2.0 --beta 0.5
-          --teacher_sees_reference true --per_device_train_batch_size 4 --per_device_eval_batch_size 8
-          --learning_rate 3e-3 --warmup_ratio 0.05 --deepspeed zero3
-          --output_dir output/default --eval_steps 20 --save_steps 20 --save_total_limit 2 --logging_steps 5)
+          --max_completion_length 24 --lmbda 0.5 --temperature 2.0 --beta 0.5 --per_device_train_batch_size 4
+          --learning_rate 3e-3 --warmup_ratio 0.05 --deepspeed zero3 --save_steps 20 --save_total_limit 2
+          --logging_steps 5)
+    if [ "${DEMO:-}" = omni ]; then
+        # cross-modal: the student hears and sees the media of data/sample_omni.jsonl, the teacher
+        # (the same model, LoRA off) reads their transcripts and captions instead
+        ARGS+=(--dataset "${DATASET:-data/sample_omni.jsonl}" --split_dataset_ratio 0.2 --max_length 1024
+               --teacher_sees_transcript true --per_device_eval_batch_size 4 --output_dir output/omni --eval_steps 10)
+    else
+        # the teacher sees the reference answer
+        ARGS+=(--dataset "${DATASET:-data/sample_alpaca.jsonl}" --split_dataset_ratio 0.05 --max_length 256
+               --teacher_sees_reference true --per_device_eval_batch_size 8 --output_dir output/default --eval_steps 20)
+    fi
     $USER_LENGTH || ARGS+=(--max_steps 40)
 else
     ARGS=(--rlhf_type gkd --model "$MODEL" --teacher_model "$MODEL"
