@@ -13,7 +13,7 @@ Read top to bottom; each section builds on the one before:
 Rules this module chooses (the README repeats them):
 
 * Special-token strings in text: we do what transformers' Qwen2Tokenizer does, because the
-  goal is to see exactly the token ids the model was trained with. A literal "<|im_end|>"
+  aim is to see exactly the token ids the model was trained with. A literal "<|im_end|>"
   inside a user message therefore becomes the control token, i.e. a row can inject
   ChatML structure. Clean the data if that matters; we do not escape it. The exception are
   the placeholders <|image_pad|>, <|video_pad|>, <|audio_pad|>: the model replaces each one

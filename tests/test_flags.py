@@ -1,4 +1,4 @@
-"""selfkd's command line: the seed's ms-swift flags unchanged, and clear errors for bad ones."""
+"""selfkd's command line: the ms-swift command's flags unchanged, and clear errors for bad ones."""
 
 import json
 import shlex
@@ -7,7 +7,7 @@ import pytest
 
 from selfkd import Config, ConfigError, fixed_point_warning, parse_args
 
-SEED = """
+MS_SWIFT_COMMAND = """
 --rlhf_type gkd --model MODEL --teacher_model MODEL --train_type lora --torch_dtype bfloat16
 --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules ALL
 --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#2000' --split_dataset_ratio 0.01
@@ -28,12 +28,12 @@ def model_dir(tmp_path):
     return str(path)
 
 
-def seed_argv(model_dir, *extra):
-    return shlex.split(SEED.replace("MODEL", model_dir)) + list(extra)
+def ms_swift_argv(model_dir, *extra):
+    return shlex.split(MS_SWIFT_COMMAND.replace("MODEL", model_dir)) + list(extra)
 
 
-def test_seed_flags_parse_unchanged(model_dir):
-    c = parse_args(seed_argv(model_dir))
+def test_the_ms_swift_command_parses_unchanged(model_dir):
+    c = parse_args(ms_swift_argv(model_dir))
     assert c == Config(
         rlhf_type="gkd", model=model_dir, teacher_model=model_dir, train_type="lora",
         torch_dtype="bfloat16", lora_rank=8, lora_alpha=16, lora_dropout=0.05,
@@ -133,18 +133,18 @@ def test_teacher_must_be_the_model(model_dir, tmp_path, monkeypatch):
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(ConfigError, match="--teacher_model .*LoRA disabled.*no second model"):
-        parse_args(seed_argv(model_dir, "--teacher_model", str(other)))
+        parse_args(ms_swift_argv(model_dir, "--teacher_model", str(other)))
     with pytest.raises(ConfigError, match="--teacher_model .*needs --model"):
         parse_args(["--dataset", "d", "--teacher_model", model_dir])
 
-    assert parse_args(seed_argv(model_dir, "--teacher_model", model_dir + "/")).model == model_dir
+    assert parse_args(ms_swift_argv(model_dir, "--teacher_model", model_dir + "/")).model == model_dir
     monkeypatch.chdir(tmp_path)  # relative and absolute spellings of one directory
-    assert parse_args(seed_argv(model_dir, "--teacher_model", "./Qwen3-Omni-30B-A3B-Instruct"))
+    assert parse_args(ms_swift_argv(model_dir, "--teacher_model", "./Qwen3-Omni-30B-A3B-Instruct"))
     assert parse_args(["--dataset", "d", "--model", model_dir]).teacher_model is None
 
 
 def test_describe_and_warnings(model_dir):
-    c = parse_args(seed_argv(model_dir))
+    c = parse_args(ms_swift_argv(model_dir))
     lines = c.describe().splitlines()
     assert len(lines) == len(c.__dataclass_fields__)
     assert "lmbda:" in c.describe() and "dataset:" in c.describe()
@@ -164,9 +164,9 @@ def test_deepspeed_json_with_a_partitioning_the_loader_cannot_fill_is_rejected(k
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, key: value}}))
     with pytest.raises(ConfigError, match=rf"zero_optimization\.{key} = {value} is not supported"):
-        parse_args(seed_argv(model_dir, "--deepspeed", str(path)))
+        parse_args(ms_swift_argv(model_dir, "--deepspeed", str(path)))
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "mics_shard_size": -1}}))
-    assert parse_args(seed_argv(model_dir, "--deepspeed", str(path))).deepspeed == str(path)
+    assert parse_args(ms_swift_argv(model_dir, "--deepspeed", str(path))).deepspeed == str(path)
 
 
 def test_optimizer_state_is_kept_only_on_rank_0(monkeypatch):

@@ -35,7 +35,7 @@ def student(model_dir):
 
 
 def test_without_teacher_context_loss_and_every_gradient_are_exactly_zero(text_model_dir):
-    """The seed's trap: teacher = base with LoRA off, student = base + LoRA with B = 0, same
+    """The self-distillation trap: teacher = base with LoRA off, student = base + LoRA with B = 0, same
     input. Then student == teacher, so the divergence and its gradient vanish."""
     cfg = Config(beta=0.5, temperature=2.0)
     model = student(text_model_dir)
