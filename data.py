@@ -149,8 +149,13 @@ class ChatTokenizer:
         self.pad_id = self._id_of(pad_token, source)
         # Generation stops at the end of a turn, or at <|endoftext|> (Qwen's document end).
         self.eos_ids = [self.im_end_id, self._id_of("<|endoftext|>", source)]
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
         # max id + 1, not a count: the embedding matrix must cover every id.
-        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self.vocab_size = max(vocab.values()) + 1
+        # The most bytes of text one token can stand for: a byte-level BPE token's string has a
+        # character per byte it stands for (and UTF-8 needs at least a byte per character); an
+        # added token is its own text.
+        self.max_token_bytes = max(len(token.encode()) for token in vocab)
 
     def _id_of(self, token: str, source: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -162,6 +167,14 @@ class ChatTokenizer:
         # No BOS and no post-processing, as Qwen2Tokenizer; added tokens inside `text` are
         # matched as tokens (see the module docstring).
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without encoding: ceil(bytes of the normalized text /
+        max_token_bytes). A 10 MB row is found too long for --max_length in a fraction of a second
+        instead of the ~10 s its encoding takes."""
+        normalizer = self.tokenizer.normalizer
+        text = normalizer.normalize_str(text) if normalizer is not None else text
+        return -(-len(text.encode()) // self.max_token_bytes)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -1001,6 +1014,10 @@ def _fit_prompt(
     apart gives exactly the ids of the whole prompt, and tells us how long the final turn is.
     A cut inside a media span moves right, past the span: an item goes whole or not at all.
     """
+    final = messages[-1]["content"]
+    final_text = final if isinstance(final, str) else "".join(p["text"] for p in final if p["type"] == "text")
+    if tok.min_tokens(final_text) > budget:  # cannot fit whatever its exact length: not encoded
+        return None
     head, head_spans = _encode_turns(tok, messages[:-1], items)
     tail, tail_spans = _encode_turns(tok, messages[-1:], items, add_generation_prompt=True)
     if len(tail) > budget:

@@ -12,6 +12,9 @@ Targets (`--lora_target_modules`):
 
 Experts keep their weights stacked ([E, out, in]) and so does their LoRA: A [E, r, in],
 B [E, out, r], applied inside the grouped expert loop to the tokens routed to each expert.
+One naming scheme: a LoRA parameter is `<linear>.lora.A|B` (e.g. `self_attn.q_proj.lora.A`) or
+`<experts>.lora.<stacked weight>.A|B` (e.g. `mlp.experts.lora.gate_up_proj.B`); `.lora.` in a
+name marks exactly the trainable parameters.
 The expert gate and up projections are one fused map ([E, 2*I, H], gate rows first, as in
 transformers 5 and PEFT), so they share one LoRA pair; this is exactly PEFT's
 `target_parameters` LoRA on `experts.gate_up_proj`, which makes the adapter loadable by PEFT.
@@ -98,8 +101,27 @@ class LoRALinear(nn.Linear):
         return y
 
 
+class StackedLoRA(nn.Module):
+    """The low-rank path of a stack of E linear maps (one per expert): A [E, r, in], B [E, out, r].
+    Experts keep their weights stacked and so does their LoRA; the stacks are read inside the
+    experts' forward (expert e's rows times A[e]^T B[e]^T), not called as a module."""
+
+    def __init__(self, num: int, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
+                 generator=None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(num, rank, in_features))
+        self.B = nn.Parameter(torch.zeros(num, out_features, rank))
+        _init_lora_A_(self.A, generator)
+        self.dropout = nn.Dropout(dropout)
+        self.scaling = alpha / rank
+
+    def delta_weight(self):  # [E, out, in]
+        return torch.bmm(self.B.float(), self.A.float()) * self.scaling
+
+
 class LoRAExperts(Experts):
-    """Stacked experts with per-expert LoRA on the fused gate|up and on the down projections.
+    """Stacked experts with per-expert LoRA on the fused gate|up and on the down projections,
+    `lora[which]` for `which` in gate_up_proj, down_proj (the stacked weight it adapts).
 
     Both expert paths of Experts get the delta: `project` inside the per-expert loop (the spec),
     `grouped_project` as two more grouped matmuls per projection (x A^T, then B^T), so LoRA adds
@@ -112,14 +134,9 @@ class LoRAExperts(Experts):
         self.num_experts, self.hidden, self.inter = base.num_experts, base.hidden, base.inter
         self.gate_up_proj, self.down_proj = base.gate_up_proj, base.down_proj
         E, H, I = self.num_experts, self.hidden, self.inter
-        self.lora_gate_up_A = nn.Parameter(torch.empty(E, rank, H))
-        self.lora_gate_up_B = nn.Parameter(torch.zeros(E, 2 * I, rank))
-        self.lora_down_A = nn.Parameter(torch.empty(E, rank, I))
-        self.lora_down_B = nn.Parameter(torch.zeros(E, H, rank))
-        for A in (self.lora_gate_up_A, self.lora_down_A):
-            _init_lora_A_(A, generator)
-        self.dropout = nn.Dropout(dropout)
-        self.scaling = alpha / rank
+        self.lora = nn.ModuleDict({  # gate_up first: A is drawn in this order
+            "gate_up_proj": StackedLoRA(E, H, 2 * I, rank, alpha, dropout, generator),
+            "down_proj": StackedLoRA(E, I, H, rank, alpha, dropout, generator)})
         self.lora_enabled, self.merged = True, False
         self.grouped = base.grouped
 
@@ -127,41 +144,36 @@ class LoRAExperts(Experts):
         return self.lora_enabled and not self.merged
 
     def matrices(self) -> list[torch.Tensor]:
-        lora = [self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B]
+        lora = [t for branch in self.lora.values() for t in (branch.A, branch.B)]
         return super().matrices() + (lora if self.lora_on() else [])
 
     def per_expert(self) -> dict:
         w = super().per_expert()
         if self.lora_on():  # switched off: the LoRA stacks are not touched
-            for which in ("gate_up", "down"):
-                w[f"{which}_A"] = getattr(self, f"lora_{which}_A").unbind(0)
-                w[f"{which}_B"] = getattr(self, f"lora_{which}_B").unbind(0)
+            for which, branch in self.lora.items():
+                w[which, "A"], w[which, "B"] = branch.A.unbind(0), branch.B.unbind(0)
         return w
 
     def project(self, x, e: int, which: str, w: dict):
         y = x @ w[which][e].T
-        if self.lora_enabled and not self.merged:
-            A, B = w[f"{which[:-5]}_A"][e], w[f"{which[:-5]}_B"][e]
-            y = y + ((self.dropout(x.to(A.dtype)) @ A.T) @ B.T * self.scaling).to(y.dtype)
+        if self.lora_on():
+            branch, A, B = self.lora[which], w[which, "A"][e], w[which, "B"][e]
+            y = y + ((branch.dropout(x.to(A.dtype)) @ A.T) @ B.T * branch.scaling).to(y.dtype)
         return y
 
     def grouped_project(self, x, which: str, offsets, counts):
         y = super().grouped_project(x, which, offsets, counts)  # [S, out]
         if self.lora_on():
-            A, B = getattr(self, f"lora_{which[:-5]}_A"), getattr(self, f"lora_{which[:-5]}_B")
-            At, Bt = A.transpose(1, 2), B.transpose(1, 2)  # [E, in, r], [E, r, out]: views
+            branch = self.lora[which]
+            At, Bt = branch.A.transpose(1, 2), branch.B.transpose(1, 2)  # [E, in, r], [E, r, out]: views
             trained = [t for t in (At, Bt) if t.requires_grad]  # none under no_grad or when frozen
             if trained:
                 unused = (counts == 0).view(-1, 1, 1)  # [E, 1, 1] experts without rows
                 for t in trained:
                     t.register_hook(partial(_zero_unused_experts, unused))
-            h = grouped_mm(self.dropout(x.to(A.dtype)), At, offsets)  # [S, r]
-            y = y + (grouped_mm(h, Bt, offsets) * self.scaling).to(y.dtype)
+            h = grouped_mm(branch.dropout(x.to(At.dtype)), At, offsets)  # [S, r]
+            y = y + (grouped_mm(h, Bt, offsets) * branch.scaling).to(y.dtype)
         return y
-
-    def delta_weight(self, which: str):  # [E, out, in]
-        A, B = getattr(self, f"lora_{which[:-5]}_A"), getattr(self, f"lora_{which[:-5]}_B")
-        return torch.bmm(B.float(), A.float()) * self.scaling
 
 
 def _zero_unused_experts(unused, grad):
@@ -272,7 +284,7 @@ def _shape(p) -> tuple:
 
 
 def _is_lora_name(name: str) -> bool:
-    return ".lora." in name or ".lora_" in name
+    return ".lora." in name
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -308,9 +320,9 @@ def _merge(model: nn.Module, sign: float, want_merged: bool):
             if isinstance(m, LoRALinear):
                 m.weight.add_((sign * m.lora.delta_weight()).to(m.weight.dtype))
             else:
-                for which in ("gate_up_proj", "down_proj"):
+                for which, branch in m.lora.items():
                     w = getattr(m, which)
-                    w.add_((sign * m.delta_weight(which)).to(w.dtype))
+                    w.add_((sign * branch.delta_weight()).to(w.dtype))
             m.merged = want_merged
 
 
@@ -341,7 +353,7 @@ def merged_state(model: Thinker):
         if m is None or m.merged:
             yield name, p.detach()
         else:
-            delta = m.lora.delta_weight() if which is None else m.delta_weight(which)
+            delta = (m.lora if which is None else m.lora[which]).delta_weight()
             yield name, (p.detach().float() + delta).to(p.dtype)
 
 
@@ -400,8 +412,8 @@ def _peft_entries(model: Thinker):
                 p = getattr(m.lora, ab)
                 entries.append((f"{_PEFT_PREFIX}{_hf_name(name)}.lora_{ab}.weight", p, lambda t: t, lambda t: t))
         elif isinstance(m, LoRAExperts):
-            for which, sub in (("gate_up", "base_layer."), ("down", "")):
-                A, B = getattr(m, f"lora_{which}_A"), getattr(m, f"lora_{which}_B")
+            for which, sub in (("gate_up_proj", "base_layer."), ("down_proj", "")):
+                A, B = m.lora[which].A, m.lora[which].B
                 E, r = _shape(A)[0], _shape(A)[1]
                 stem = f"{_PEFT_PREFIX}{_hf_name(name)}.{sub}"
                 entries.append((stem + "lora_A.weight", A,
@@ -417,9 +429,8 @@ def _adapter_config(model: Thinker) -> tuple[dict, dict]:
     """(PEFT's adapter_config.json, selfkd's extras): the first holds PEFT's own keys only."""
     modules = lora_modules(model)
     first = modules[0]
-    scaling = first.lora.scaling if isinstance(first, LoRALinear) else first.scaling
-    rank = _shape(first.lora.A)[0] if isinstance(first, LoRALinear) else _shape(first.lora_gate_up_A)[1]
-    dropout = (first.lora.dropout if isinstance(first, LoRALinear) else first.dropout).p
+    branch = first.lora if isinstance(first, LoRALinear) else first.lora["gate_up_proj"]
+    scaling, rank, dropout = branch.scaling, _shape(branch.A)[-2], branch.dropout.p
     wrapped = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     linear = sorted({name.rsplit(".", 1)[-1] for name in wrapped if tower_part(name) is None})
     towers = [part for part in ("vit", "aligner") if any(tower_part(name) == part for name in wrapped)]

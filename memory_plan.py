@@ -307,7 +307,7 @@ def layer_saved_bytes(block, batch: int, seq: int, d: int, dropout: float, devic
         parts["MoE router"] = 4 * N * E + 24 * NK
         parts["MoE experts"] = d * NK * (3 * I + H)
         if isinstance(mlp.experts, LoRAExperts):
-            lora += NK * ((H + I) * keep + 2 * mlp.experts.lora_gate_up_A.shape[1] * d)
+            lora += NK * ((H + I) * keep + 2 * mlp.experts.lora["gate_up_proj"].A.shape[1] * d)
             plain_inputs |= {("routed rows", d * NK * H), ("SiLU product", d * NK * I)}
     elif isinstance(mlp, MLP):
         I = mlp.gate_proj.out_features

@@ -1022,7 +1022,13 @@ def load_checkpoint(engine, path: str, log) -> dict:
     load_adapter(engine.module, path)
     opt_file = os.path.join(path, OPTIMIZER_FILE)
     if os.path.isfile(opt_file):
-        restore_optimizer(engine, load_file(opt_file), state["adam_steps"])
+        tensors = load_file(opt_file)
+        want = {f"{n}.{key}" for n, _ in lora_parameters(engine.module) for key in ("fp32", "exp_avg", "exp_avg_sq")}
+        if missing := sorted(want - tensors.keys()):
+            raise ConfigError(f"{opt_file}: no optimizer state for {missing[0]} ({len(missing)} tensors missing; "
+                              "written for other LoRA parameter names): delete the file to resume from the "
+                              "adapter with a fresh optimizer")
+        restore_optimizer(engine, tensors, state["adam_steps"])
         log(f"resumed from {path} at step {state['step']} (adapter, optimizer state)")
     else:
         log(f"resumed from {path} at step {state['step']}: adapter only (saved with --save_only_model true), "

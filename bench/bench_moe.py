@@ -373,7 +373,7 @@ def lora_block(args, dtype, device):
     block.requires_grad_(False)
     block.experts = LoRAExperts(block.experts, args.lora_rank, 2 * args.lora_rank, 0.0, generator=g)
     with torch.no_grad():
-        for B in (block.experts.lora_gate_up_B, block.experts.lora_down_B):
+        for B in (branch.B for branch in block.experts.lora.values()):
             B.copy_(0.01 * torch.randn(B.shape, generator=g))
     return block.to(device=device, dtype=dtype)
 
@@ -392,7 +392,7 @@ def kernels(args):
     print(f"selfkd SparseMoE: x [1, {args.tokens}, {args.hidden}], {args.experts} experts top-{args.topk}, "
           f"intermediate {args.inter}, LoRA r{args.lora_rank} on the experts (experts frozen, LoRA trainable)")
     block = lora_block(args, dtype, device)
-    lora = [p for n, p in block.named_parameters() if "lora_" in n]
+    lora = [p for n, p in block.named_parameters() if ".lora." in n]
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(1, args.tokens, args.hidden, generator=g).to(device=device, dtype=dtype)
     cot = torch.randn(1, args.tokens, args.hidden, generator=g).to(device=device, dtype=dtype)

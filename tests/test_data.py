@@ -396,6 +396,23 @@ def test_prompt_left_truncation_keeps_the_final_turn(tok):
     assert stats == {"student_prompt_truncated": 1, "teacher_prompt_truncated": 1}
 
 
+def test_min_tokens_is_a_lower_bound_that_spares_encoding_huge_rows(tok, monkeypatch):
+    """min_tokens never exceeds the real count (every CORPUS branch, long runs of one character,
+    NFC-expanding text), and a row far over max_length is skipped without being encoded."""
+    texts = CORPUS + ["x" * 5000, " " * 5000, "\n" * 5000, "😀" * 2000, "\u0958" * 1000, "ab " * 3000,
+                      open(SAMPLE_DATASET, encoding="utf-8").read()]
+    for text in texts:
+        assert tok.min_tokens(text) <= len(tok.encode(text)), text[:40]
+    huge = conversation_example(turns=0)
+    huge.student_messages[-1] = huge.teacher_messages[-1] = {"role": "user", "content": "x " * 1_000_000}
+    encode = tok.tokenizer.encode
+    seen = []
+    monkeypatch.setattr(tok.tokenizer, "encode", lambda text, **kw: seen.append(len(text)) or encode(text, **kw))
+    stats = Counter()
+    assert encode_example(tok, huge, max_length=128, max_completion_length=8, stats=stats) is None
+    assert stats == {"skipped_prompt_too_long": 1} and max(seen) < 1000
+
+
 def test_row_whose_final_turn_cannot_fit(tok):
     ex = conversation_example(turns=1)
     completion_len = len(tok.encode(ex.completion)) + 1

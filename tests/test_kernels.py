@@ -47,7 +47,7 @@ def moe_block(lora: bool, seed: int = 0, dtype=torch.float32) -> SparseMoE:
     if lora:
         block.experts = LoRAExperts(block.experts, rank=4, alpha=8, dropout=0.0, generator=g)
         with torch.no_grad():
-            for B in (block.experts.lora_gate_up_B, block.experts.lora_down_B):
+            for B in (branch.B for branch in block.experts.lora.values()):
                 B.copy_(0.1 * torch.randn(B.shape, generator=g))
     return block.to(dtype)
 
@@ -128,8 +128,8 @@ def test_grouped_experts_bf16_equal_the_loop():
     block = moe_block(lora=False, dtype=torch.bfloat16)
     block.experts = LoRAExperts(block.experts, rank=8, alpha=16, dropout=0.0).to(torch.bfloat16)
     with torch.no_grad():
-        block.experts.lora_gate_up_B.normal_(0, 0.1)
-        block.experts.lora_down_B.normal_(0, 0.1)
+        block.experts.lora["gate_up_proj"].B.normal_(0, 0.1)
+        block.experts.lora["down_proj"].B.normal_(0, 0.1)
     x = torch.randn(1, 32, CFG.hidden_size).bfloat16()
     cot = torch.randn(1, 32, CFG.hidden_size).bfloat16()
     block.experts.grouped = False

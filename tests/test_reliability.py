@@ -1,5 +1,8 @@
 """What a user sees when things go wrong: bad data, bad model directories, bad flags, a crash
-mid-save, non-finite losses, a dead rank, a full disk. Each case is a real run of the CLI."""
+mid-save, non-finite losses, a dead rank, a full disk. Input that is refused before training
+runs selfkd.main in this process (the checks are the CLI's, without a Python start per case; one
+case also runs as a real `python selfkd.py`, and tests/test_cli.py sends a few through run.sh);
+everything after that is a real run of the CLI."""
 import glob
 import json
 import os
@@ -11,6 +14,8 @@ import time
 
 import pytest
 
+import selfkd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample_alpaca.jsonl")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -21,6 +26,19 @@ def cli(args, fault=None, script="selfkd.py", timeout=300):
     path = os.path.join(ROOT, script if script == "selfkd.py" else os.path.join("tests", script))
     return subprocess.run([sys.executable, path, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def in_process(args, capsys, monkeypatch):
+    """selfkd.main(args) here, as the CLI: (exit code, stdout, stderr). Reaching the model setup
+    fails the test: every refusal below must come before deepspeed, ranks or weights."""
+    monkeypatch.setattr(selfkd.signal, "signal", lambda *a: None)  # keep pytest's handlers
+    monkeypatch.setattr(selfkd._Signals, "quiet", False)
+    for setup in ("init_distributed", "build_student"):
+        monkeypatch.setattr(selfkd, setup, lambda *a, **k: pytest.fail("reached the training setup"))
+    with pytest.raises(SystemExit) as exit:
+        selfkd.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit.value.code, out, err)
 
 
 def small_run(model_dir, out_dir, *extra):
@@ -59,14 +77,23 @@ BAD_DATA = {
 
 
 @pytest.mark.parametrize("case", list(BAD_DATA))
-def test_bad_data_fails_with_file_and_line(case, text_model_dir, tmp_path):
+def test_bad_data_fails_with_file_and_line(case, text_model_dir, tmp_path, capsys, monkeypatch):
     content, pattern = BAD_DATA[case]
     path = tmp_path / ("bad.json" if case == "truncated_json_array" else "bad.jsonl")
     path.write_bytes(content)
+    args = small_run(text_model_dir, str(tmp_path / "out"), "--max_steps", "1") + ["--dataset", str(path)]
+    one_line_error(in_process(args, capsys, monkeypatch), pattern)
+
+
+def test_bad_data_through_the_command_line(text_model_dir, tmp_path):
+    """The same refusal from a real `python selfkd.py`, before any model is loaded."""
+    content, pattern = BAD_DATA["truncated_jsonl_line"]
+    (tmp_path / "bad.jsonl").write_bytes(content)
     started = time.time()
-    result = cli(small_run(text_model_dir, str(tmp_path / "out"), "--max_steps", "1") + ["--dataset", str(path)])
+    result = cli(small_run(text_model_dir, str(tmp_path / "out"), "--max_steps", "1") +
+                 ["--dataset", str(tmp_path / "bad.jsonl")])
     one_line_error(result, pattern)
-    assert time.time() - started < 60  # fails before any model is loaded
+    assert time.time() - started < 60
 
 
 def test_bad_rows_are_counted_and_named_when_skipping(text_model_dir, tmp_path):
@@ -95,28 +122,28 @@ def test_bad_rows_are_counted_and_named_when_skipping(text_model_dir, tmp_path):
 # 2. bad model directories ----------------------------------------------------------------------
 
 
-def test_model_directory_that_does_not_exist(tmp_path):
-    result = cli(["--model", str(tmp_path / "nope"), "--dataset", SAMPLE])
+def test_model_directory_that_does_not_exist(tmp_path, capsys, monkeypatch):
+    result = in_process(["--model", str(tmp_path / "nope"), "--dataset", SAMPLE], capsys, monkeypatch)
     one_line_error(result, r"nope")
 
 
-def test_model_directory_with_a_non_qwen3_omni_config(text_model_dir, tmp_path):
+def test_model_directory_with_a_non_qwen3_omni_config(text_model_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     bad = tmp_path / "llama"
     shutil.copytree(text_model_dir, bad)
     (bad / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
-    result = cli(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"))
+    result = in_process(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"), capsys, monkeypatch)
     one_line_error(result, r"'llama' is not a Qwen3-Omni")
 
 
-def test_model_directory_with_a_missing_shard(text_model_dir, tmp_path):
+def test_model_directory_with_a_missing_shard(text_model_dir, tmp_path, capsys, monkeypatch):
     import shutil
 
     bad = tmp_path / "noshard"
     shutil.copytree(text_model_dir, bad)
     os.remove(glob.glob(str(bad / "model-*.safetensors"))[0])
-    result = cli(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"))
+    result = in_process(small_run(str(bad), str(tmp_path / "out"), "--max_steps", "1"), capsys, monkeypatch)
     one_line_error(result, r"shard .*model-00001-of-00001\.safetensors.* does not exist")
 
 
@@ -131,17 +158,14 @@ def test_model_directory_with_a_missing_shard(text_model_dir, tmp_path):
     (["--lmbad", "0.5"], r"--lmbad.*--lmbda"),
     (["--teacher_model", "/some/other/model"], r"teacher.*LoRA"),
 ])
-def test_bad_flags_fail_fast(flags, pattern, text_model_dir):
-    started = time.time()
-    result = cli(["--model", text_model_dir, "--dataset", SAMPLE, *flags])
-    one_line_error(result, pattern)
-    assert time.time() - started < 30
+def test_bad_flags_fail_fast(flags, pattern, text_model_dir, capsys, monkeypatch):
+    one_line_error(in_process(["--model", text_model_dir, "--dataset", SAMPLE, *flags], capsys, monkeypatch), pattern)
 
 
-def test_unwritable_output_directory_fails_before_training(text_model_dir, tmp_path):
+def test_unwritable_output_directory_fails_before_training(text_model_dir, tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = cli(small_run(text_model_dir, str(blocker / "out"), "--max_steps", "1"))
+    result = in_process(small_run(text_model_dir, str(blocker / "out"), "--max_steps", "1"), capsys, monkeypatch)
     one_line_error(result, r"--output_dir .* is not writable")
 
 
@@ -161,6 +185,30 @@ def test_sigkill_during_save_never_leaves_a_checkpoint_resume_would_pick(text_mo
     assert "resumed from" in resumed.stdout and "checkpoint-2 at step 2" in resumed.stdout
     # save_total_limit 1 kept exactly the newest complete checkpoint; the debris is gone
     assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-4"]
+
+
+def test_an_optimizer_file_for_other_parameter_names_is_refused_naming_it(text_model_dir, tmp_path):
+    """A checkpoint whose optimizer state is keyed by other LoRA names (another layout, or the
+    names before `.lora.` was the one scheme) is one clear error at resume, not a KeyError."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lora import inject_lora, lora_parameters, save_adapter
+    from model_qwen3omni import load_thinker
+
+    model = load_thinker(text_model_dir, dtype=torch.float32)
+    inject_lora(model, rank=4, alpha=8)
+    checkpoint = tmp_path / "checkpoint-2"
+    save_adapter(model, str(checkpoint))
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "adam_steps": 2}))
+    old = {f"{name.replace('.lora.', '.lora_')}.{key}": torch.zeros(1)
+           for name, _ in lora_parameters(model) for key in ("fp32", "exp_avg", "exp_avg_sq")}
+    save_file(old, str(checkpoint / "optimizer.safetensors"))
+    with pytest.raises(selfkd.ConfigError, match=r"checkpoint-2/optimizer\.safetensors: no optimizer state for "
+                                                 r"\S+\.lora\.\S+ \(\d+ tensors missing.*delete the file"):
+        selfkd.load_checkpoint(SimpleNamespace(module=model), str(checkpoint), print)
 
 
 # 6. non-finite losses ---------------------------------------------------------------------------
