@@ -162,9 +162,11 @@ def metrics(output_dir):
         return [row for row in map(json.loads, f) if "loss" in row]
 
 
+@pytest.mark.slow
 def test_two_process_zero3_end_to_end_and_exact_resume(text_model_dir, tmp_path):
     """2 processes, ZeRO-3, gloo: both branches, eval, checkpoints; then resuming from the
-    step-3 checkpoint reproduces steps 4-6 and the final adapter of the uninterrupted run."""
+    step-3 checkpoint reproduces steps 4-6 and the final adapter of the uninterrupted run.
+    (Slow: tests/test_cross_modal.py runs the same on the omni model with media rows.)"""
     from safetensors.torch import load_file
 
     common = ["--model", text_model_dir, "--dataset", f"{SAMPLE_DATASET}#64", "--split_dataset_ratio", "0.1",
