@@ -983,25 +983,32 @@ def _encode_turns(
     the processor's expanded prompt string encoded at once, without building that string.
     """
     ids, spans, text, token_ids = [], [], "", None
+    for piece in _chat_pieces(messages, add_generation_prompt):
+        if isinstance(piece, str):
+            text += piece
+            continue
+        token_ids = token_ids or media_token_ids(tok)
+        item = items[media_key(piece)]
+        ids += tok.encode(text)
+        text = ""
+        span = media_span(item, token_ids)
+        spans.append((len(ids), len(ids) + len(span), item))
+        ids += span
+    return ids + tok.encode(text), spans
+
+
+def _chat_pieces(messages: list[dict], add_generation_prompt: bool):
+    """ChatML turns in order as text pieces (str) and media parts (dict): a string content is
+    rendered whole, a content list part by part with no separators (the chat template's rule)."""
     for message in messages:
         if isinstance(message["content"], str):
-            text += render_chat([message])
+            yield render_chat([message])
             continue
-        text += f"<|im_start|>{message['role']}\n"
+        yield f"<|im_start|>{message['role']}\n"
         for part in message["content"]:
-            if part["type"] == "text":
-                text += part["text"]
-                continue
-            token_ids = token_ids or media_token_ids(tok)
-            item = items[media_key(part)]
-            ids += tok.encode(text)
-            text = ""
-            span = media_span(item, token_ids)
-            spans.append((len(ids), len(ids) + len(span), item))
-            ids += span
-        text += "<|im_end|>\n"
-    text += render_chat([], add_generation_prompt=add_generation_prompt)
-    return ids + tok.encode(text), spans
+            yield part["text"] if part["type"] == "text" else part
+        yield "<|im_end|>\n"
+    yield render_chat([], add_generation_prompt=add_generation_prompt)
 
 
 def _fit_prompt(
@@ -1228,16 +1235,8 @@ def render_prompt(messages: list[dict], items: dict) -> str:
     """A prompt as text (generation header included), each media item written out as the
     processor expands it; abbreviate_placeholders makes it readable."""
     as_text = {token: token for token in MEDIA_TOKENS}  # media_span with the tokens themselves for ids
-    text = ""
-    for message in messages:
-        if isinstance(message["content"], str):
-            text += render_chat([message])
-            continue
-        text += f"<|im_start|>{message['role']}\n"
-        for part in message["content"]:
-            text += part["text"] if part["type"] == "text" else "".join(media_span(items[media_key(part)], as_text))
-        text += "<|im_end|>\n"
-    return text + render_chat([], add_generation_prompt=True)
+    return "".join(piece if isinstance(piece, str) else "".join(media_span(items[media_key(piece)], as_text))
+                   for piece in _chat_pieces(messages, add_generation_prompt=True))
 
 
 def describe_media(item: Media) -> str:

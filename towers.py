@@ -40,10 +40,15 @@ from torch.nn.utils.rnn import pad_sequence
 # Configs
 
 
-def _block(cfg: dict, key: str) -> dict:
-    """The `key` block of a full Qwen3-Omni config, a thinker config, or `cfg` itself if it is the block."""
+def _block(cfg: dict, key: str, model_type: str, source: str) -> dict:
+    """The `key` block of a full Qwen3-Omni config, a thinker config, or `cfg` itself if it is the
+    block; its model_type (when written) must be `model_type`."""
     cfg = cfg.get("thinker_config", cfg)
-    return cfg.get(key, cfg)
+    cfg = cfg.get(key, cfg)
+    found = cfg.get("model_type", model_type)
+    if found != model_type:
+        raise ValueError(f"{source}: {key.split('_')[0]} model_type {found!r} is not {model_type}")
+    return cfg
 
 
 @dataclass
@@ -65,10 +70,7 @@ class AudioConfig:
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "AudioConfig":
         """Accepts the `audio_config` block (or a full / thinker config holding it); unknown keys are ignored."""
-        cfg = _block(cfg, "audio_config")
-        model_type = cfg.get("model_type", "qwen3_omni_moe_audio_encoder")
-        if model_type != "qwen3_omni_moe_audio_encoder":
-            raise ValueError(f"{source}: audio model_type {model_type!r} is not qwen3_omni_moe_audio_encoder")
+        cfg = _block(cfg, "audio_config", "qwen3_omni_moe_audio_encoder", source)
         c = cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
         if cfg.get("activation_function", "gelu") != "gelu":
             raise ValueError(f"{source}: audio activation_function {cfg['activation_function']!r} is not "
@@ -118,10 +120,7 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "VisionConfig":
         """Accepts the `vision_config` block (or a full / thinker config holding it); unknown keys are ignored."""
-        cfg = _block(cfg, "vision_config")
-        model_type = cfg.get("model_type", "qwen3_omni_moe_vision_encoder")
-        if model_type != "qwen3_omni_moe_vision_encoder":
-            raise ValueError(f"{source}: vision model_type {model_type!r} is not qwen3_omni_moe_vision_encoder")
+        cfg = _block(cfg, "vision_config", "qwen3_omni_moe_vision_encoder", source)
         known = {f.name for f in fields(cls)} - {"rope_theta"}
         c = cls(**{k: v for k, v in cfg.items() if k in known})
         c.deepstack_visual_indexes = list(c.deepstack_visual_indexes)

@@ -28,3 +28,20 @@ def text_model_dir(tmp_path_factory):
     cfg = replace(tiny_thinker_config(), vocab_size=load_tokenizer(path).vocab_size, audio_config=None,
                   vision_config=None)
     return write_random_checkpoint(cfg, path, seed=0, std=0.15)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The embedded default's tokenizer alone (tiny.py: real special-token ids), written once."""
+    from tiny import write_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    write_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_dir):
+    from data import load_tokenizer
+
+    return load_tokenizer(tiny_dir)

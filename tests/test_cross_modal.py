@@ -7,7 +7,6 @@ model, LoRA off) reads their transcripts and captions. On the embedded default (
 - 2 processes under ZeRO-3 with media rows in both branches, eval and checkpoints, and an
   exact resume.
 """
-import json
 import os
 
 import pytest
@@ -96,18 +95,11 @@ def test_the_student_learns_to_answer_from_sound_as_the_teacher_does_from_text(t
     assert after < 0.8 * before, (before, after)
 
 
-def metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [m for m in map(json.loads, f) if "loss" in m]
-
-
 def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_model_dir, tmp_path):
     """Each rank's rows carry other media (or none) every step; both branches, eval, checkpoints;
     resuming from step 2 reproduces steps 3-4 and the final adapter."""
-    from safetensors.torch import load_file
-
     from selfkd import is_on_policy
-    from test_train import run_selfkd
+    from test_train import assert_resumed_run_is_the_straight_run, metrics, run_selfkd
 
     common = ["--model", tiny_model_dir, "--dataset", OMNI, "--split_dataset_ratio", "0.2", "--torch_dtype",
               "float32", "--max_length", "1024", "--max_completion_length", "6", "--per_device_train_batch_size", "2",
@@ -129,15 +121,7 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     out = run_selfkd(common + ["--output_dir", resumed, "--resume_from_checkpoint",
                                os.path.join(full, "checkpoint-2"), "--gather_for_generation", "false"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    again = metrics(resumed)
-    assert [m["step"] for m in again] == [3, 4]
-    for a, b in zip(straight[2:], again):
-        assert a["loss"] == b["loss"] and a["branch"] == b["branch"], (a, b)
-    final_a = load_file(os.path.join(full, "checkpoint-4", "adapter_model.safetensors"))
-    final_b = load_file(os.path.join(resumed, "checkpoint-4", "adapter_model.safetensors"))
-    assert final_a.keys() == final_b.keys()
-    for k in final_a:
-        assert torch.equal(final_a[k], final_b[k]), k
+    assert_resumed_run_is_the_straight_run(full, resumed, resumed_from=2, last=4)
 
 
 def test_sampling_never_emits_a_media_placeholder(tiny_model_dir):

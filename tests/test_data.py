@@ -10,7 +10,6 @@ import torch
 from data import (REFERENCE_WRAPPER, SAMPLE_DATASET, DataError, EncodedExample, Example, collate, encode_example,
                   encode_examples, join_prompt_completion, labels_for, load_dataset_specs, load_tokenizer,
                   render_chat)
-from tiny import write_tiny_tokenizer
 
 # Text that exercises every branch of the Qwen split regex, NFC, byte-level BPE and the
 # added-token matcher.
@@ -48,18 +47,6 @@ CONVERSATIONS = {
         {"role": "assistant", "content": "<think>\n\n</think>\n\nok"},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    write_tiny_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    return load_tokenizer(tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,13 @@ def hf_thinker(path):
     return full.thinker.eval()
 
 
-def randomize_B_(model, seed=0):
+def randomize_B_(model, seed=0, std=0.05):
+    """Every LoRA B drawn from N(0, std): a trained-looking adapter (B = 0 is the base model)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in lora_parameters(model):
             if name.endswith("B"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+                p.copy_(std * torch.randn(p.shape, generator=g))
 
 
 def student(path, targets, seed=0, dropout=0.0):

@@ -59,8 +59,7 @@ if __name__ == "__main__":
 
 import media  # noqa: E402
 from data import (DataError, EncodedExample, collate, encode_example, encode_examples, inspect_dataset,  # noqa: E402
-                  load_dataset_specs, load_tokenizer, media_inputs, render_chat)
-from tiny import write_tiny_tokenizer  # noqa: E402
+                  load_dataset_specs, media_inputs, render_chat)
 
 
 def run_hf(prompts, tok_dir, tmp):
@@ -74,18 +73,6 @@ def run_hf(prompts, tok_dir, tmp):
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_tokenizer")
-    write_tiny_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    return load_tokenizer(tiny_dir)
 
 
 @pytest.fixture(scope="module")

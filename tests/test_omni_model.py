@@ -16,6 +16,7 @@ import torch
 
 from hf_models import unit_scale_
 from lora import inject_lora, lora_disabled, lora_parameters, save_adapter
+from test_lora import randomize_B_
 from model_qwen3omni import (MediaEmbeds, MediaInputs, Thinker, ThinkerConfig, generate, load_thinker,
                              mrope_cos_sin, rope_cos_sin, rope_index)
 from tiny import init_random_
@@ -573,14 +574,6 @@ def _tower_lora_names(model):
     return [n for n, _ in lora_parameters(model) if n.startswith(("audio_tower.", "visual."))]
 
 
-def _randomize_lora_B_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in lora_parameters(model):
-            if name.endswith("B"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
 @pytest.mark.parametrize("freeze_vit, freeze_aligner", [(False, True), (True, False), (False, False)])
 def test_lora_on_the_towers_changes_their_outputs_only_with_lora_on(omni_saved, freeze_vit, freeze_aligner):
     """--freeze_vit / --freeze_aligner false: LoRA on the towers' linear layers (ms-swift's split);
@@ -601,7 +594,7 @@ def test_lora_on_the_towers_changes_their_outputs_only_with_lora_on(omni_saved, 
     aligner = [n for n in names if n.startswith(("audio_tower.proj", "visual.merger"))]
     assert bool(aligner) == (not freeze_aligner) and (len(aligner) < len(names)) == (not freeze_vit)
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora" not in n)
-    _randomize_lora_B_(model)
+    randomize_B_(model, std=0.1)
     with torch.no_grad():
         on = model.encode_media(mi)
         with lora_disabled(model):
@@ -626,7 +619,7 @@ def test_peft_loads_our_tower_lora_and_matches_logits(omni_saved, tmp_path):
     _, path = omni_saved
     model = load_thinker(path, dtype=torch.float32, towers=True)
     inject_lora(model, rank=4, alpha=8, dropout=0.0, targets="ALL", freeze_vit=False, freeze_aligner=False)
-    _randomize_lora_B_(model, seed=1)
+    randomize_B_(model, seed=1, std=0.1)
     save_adapter(model, str(tmp_path))
     thinker = Qwen3OmniMoeForConditionalGeneration.from_pretrained(path, dtype=torch.float32).thinker
     peft = PeftModel.from_pretrained(thinker, str(tmp_path)).eval()
@@ -651,7 +644,7 @@ def test_merged_export_with_tower_lora_loads_in_transformers(omni_saved, tmp_pat
     _, path = omni_saved
     model = load_thinker(path, dtype=torch.float32, towers=True)
     inject_lora(model, rank=4, alpha=8, dropout=0.0, freeze_vit=False, freeze_aligner=False)
-    _randomize_lora_B_(model, seed=2)
+    randomize_B_(model, seed=2, std=0.1)
     export_merged(model, str(tmp_path), dtype=torch.float32, base_path=path)
     assert set(_shard_map(str(tmp_path))) == set(_shard_map(path))  # every tensor once
     exported = Qwen3OmniMoeForConditionalGeneration.from_pretrained(str(tmp_path), dtype=torch.float32).thinker

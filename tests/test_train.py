@@ -167,8 +167,6 @@ def test_two_process_zero3_end_to_end_and_exact_resume(text_model_dir, tmp_path)
     """2 processes, ZeRO-3, gloo: both branches, eval, checkpoints; then resuming from the
     step-3 checkpoint reproduces steps 4-6 and the final adapter of the uninterrupted run.
     (Slow: tests/test_cross_modal.py runs the same on the omni model with media rows.)"""
-    from safetensors.torch import load_file
-
     common = ["--model", text_model_dir, "--dataset", f"{SAMPLE_DATASET}#64", "--split_dataset_ratio", "0.1",
               "--torch_dtype", "float32", "--max_length", "160", "--max_completion_length", "10",
               "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
@@ -194,12 +192,20 @@ def test_two_process_zero3_end_to_end_and_exact_resume(text_model_dir, tmp_path)
     out = run_selfkd(common + ["--output_dir", resumed, "--resume_from_checkpoint", os.path.join(full, "checkpoint-3"),
                                "--gather_for_generation", "false"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    again = metrics(resumed)
-    assert [m["step"] for m in again] == [4, 5, 6]
-    for a, b in zip(straight[3:], again):
+    assert_resumed_run_is_the_straight_run(full, resumed, resumed_from=3, last=6)
+
+
+def assert_resumed_run_is_the_straight_run(full: str, resumed: str, resumed_from: int, last: int):
+    """Steps after the checkpoint have the same losses and branches, and the final adapters are
+    bit-identical."""
+    from safetensors.torch import load_file
+
+    straight, again = metrics(full), metrics(resumed)
+    assert [m["step"] for m in again] == list(range(resumed_from + 1, last + 1))
+    for a, b in zip(straight[resumed_from:], again):
         assert a["loss"] == b["loss"] and a["branch"] == b["branch"], (a, b)
-    final_a = load_file(os.path.join(full, "checkpoint-6", "adapter_model.safetensors"))
-    final_b = load_file(os.path.join(resumed, "checkpoint-6", "adapter_model.safetensors"))
+    final_a, final_b = (load_file(os.path.join(d, f"checkpoint-{last}", "adapter_model.safetensors"))
+                        for d in (full, resumed))
     assert final_a.keys() == final_b.keys()
     for k in final_a:
         assert torch.equal(final_a[k], final_b[k]), k
