@@ -73,6 +73,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1011,6 +1012,12 @@ def _chat_pieces(messages: list[dict], add_generation_prompt: bool):
     yield render_chat([], add_generation_prompt=add_generation_prompt)
 
 
+def _text_of(message: dict) -> str:
+    """A message's text (a content list's text parts, joined)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+
+
 def _fit_prompt(
     tok: ChatTokenizer, messages: list[dict], items: dict, budget: int
 ) -> tuple[list[int], bool, list[Media]] | None:
@@ -1021,9 +1028,7 @@ def _fit_prompt(
     apart gives exactly the ids of the whole prompt, and tells us how long the final turn is.
     A cut inside a media span moves right, past the span: an item goes whole or not at all.
     """
-    final = messages[-1]["content"]
-    final_text = final if isinstance(final, str) else "".join(p["text"] for p in final if p["type"] == "text")
-    if tok.min_tokens(final_text) > budget:  # cannot fit whatever its exact length: not encoded
+    if tok.min_tokens(_text_of(messages[-1])) > budget:  # cannot fit whatever its exact length: not encoded
         return None
     head, head_spans = _encode_turns(tok, messages[:-1], items)
     tail, tail_spans = _encode_turns(tok, messages[-1:], items, add_generation_prompt=True)
@@ -1061,11 +1066,11 @@ def encode_example(
     teacher = _fit_prompt(tok, ex.teacher_messages, ex.media, budget)
     if student is None or teacher is None:
         if stats is None:
-            side, need = tokens_needed(tok, ex, len(completion_ids))
+            row = tokens_needed(tok, ex, len(completion_ids), max_length)
             raise DataError(
-                f"{ex.source}: the final user turn does not fit in max_length={max_length}: {side} and the "
-                f"{len(completion_ids)}-token completion need {need} tokens; raise --max_length to at least "
-                f"{need}, or lower --max_completion_length",
+                f"{ex.source}: the final user turn does not fit in max_length={max_length}: {row.side} and the "
+                f"{len(completion_ids)}-token completion need {row.needs} tokens; raise --max_length to at least "
+                f"{row.need}, or lower --max_completion_length",
                 "prompt_too_long",
             )
         stats["skipped_prompt_too_long"] += 1
@@ -1075,21 +1080,40 @@ def encode_example(
     return EncodedExample(student[0], teacher[0], completion_ids, student[2], teacher[2])
 
 
-def tokens_needed(tok: ChatTokenizer, ex: Example, completion_tokens: int) -> tuple[str, int]:
-    """(which prompt, in words; the max_length it needs) for a row whose final user turn does not
-    fit: the longer of the student's and the teacher's final turns, plus the completion. The
-    teacher's is the student's plus its context, so only the longer one is tokenized."""
-    def final_turn(messages):
-        return len(_encode_turns(tok, messages[-1:], ex.media, add_generation_prompt=True)[0])
+class TooLong(NamedTuple):
+    """A row whose final user turn cannot fit: which prompt (in words, with its length) and the
+    max_length the row needs. `exact` is False when `need` is a lower bound: a turn over
+    max_length by ChatTokenizer.min_tokens alone (hundreds of KB of text) is not encoded."""
+
+    source: str
+    side: str
+    need: int
+    exact: bool = True
+
+    @property
+    def needs(self) -> str:
+        return f"{self.need}" if self.exact else f"at least {self.need}"
+
+
+def tokens_needed(tok: ChatTokenizer, ex: Example, completion_tokens: int, max_length: int) -> TooLong:
+    """The TooLong of a row whose final user turn does not fit: the longer of the student's and
+    the teacher's final turns, plus the completion. The teacher's is the student's plus its
+    context, so only the longer one is counted."""
+    def final_turn(messages) -> tuple[int, bool, str]:
+        bound = tok.min_tokens(_text_of(messages[-1]))
+        if bound + completion_tokens > max_length:
+            return bound, False, f"at least {bound} tokens"
+        n = len(_encode_turns(tok, messages[-1:], ex.media, add_generation_prompt=True)[0])
+        return n, True, f"{n} tokens"
 
     if ex.teacher_messages[-1] == ex.student_messages[-1]:
-        student = final_turn(ex.student_messages)
-        return f"the final user turn ({student} tokens)", student + completion_tokens
-    teacher = final_turn(ex.teacher_messages)
+        n, exact, said = final_turn(ex.student_messages)
+        return TooLong(ex.source, f"the final user turn ({said})", n + completion_tokens, exact)
+    n, exact, said = final_turn(ex.teacher_messages)
     reference = REFERENCE_WRAPPER.format(reference=ex.completion) in ex.teacher_messages[-1]["content"]
     extra = ("with the reference answer that --teacher_sees_reference shows it" if reference
              else "with its privileged context")
-    return f"the teacher's final user turn ({extra}: {teacher} tokens)", teacher + completion_tokens
+    return TooLong(ex.source, f"the teacher's final user turn ({extra}: {said})", n + completion_tokens, exact)
 
 
 def encode_examples(
@@ -1097,7 +1121,7 @@ def encode_examples(
     skipped: list | None = None,
 ) -> tuple[list[EncodedExample], Counter]:
     """encode_example over a list: (encoded rows, truncation and skip counts). `skipped`, if
-    given, receives (source, which prompt, tokens needed) for every row that did not fit."""
+    given, receives a TooLong for every row that did not fit."""
     stats = Counter()
     encoded = [encode_example(tok, ex, max_length, max_completion_length, stats) for ex in examples]
     kept = [e for e in encoded if e is not None]
@@ -1106,17 +1130,17 @@ def encode_examples(
         for ex, enc in zip(examples, encoded):
             if enc is None:
                 completion = min(len(tok.encode(ex.completion)) + 1, max_completion_length)
-                too_long.append((ex.source, *tokens_needed(tok, ex, completion)))
+                too_long.append(tokens_needed(tok, ex, completion, max_length))
         if skipped is not None:
             skipped.extend(too_long)
     if examples and not kept:
-        needs = sorted(need for _, _, need in too_long)
-        side = min(too_long, key=lambda t: t[2])[1]
-        span = f"{needs[0]}" if needs[0] == needs[-1] else f"{needs[0]} to {needs[-1]}"
+        lo, hi = min(too_long, key=lambda t: t.need), max(too_long, key=lambda t: t.need)
+        span = lo.needs if lo.need == hi.need else f"{lo.needs} to {hi.needs}"
+        every = f"{hi.need} keeps every row" if hi.exact else f"one row needs {hi.needs}"
         raise DataError(
             f"no example fits max_length={max_length}: all {len(examples)} were skipped because the final user "
-            f"turn and the completion need {span} tokens (the shortest: {side}); raise --max_length to at least "
-            f"{needs[0]} ({needs[-1]} keeps every row), or lower --max_completion_length",
+            f"turn and the completion need {span} tokens (the shortest: {lo.side}); raise --max_length to at least "
+            f"{lo.need} ({every}), or lower --max_completion_length",
             "empty_dataset",
         )
     return kept, stats

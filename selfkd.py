@@ -42,8 +42,8 @@ from typing import NoReturn
 import torch
 import torch.nn.functional as F
 
-from data import (TEACHER_SEES_TRANSCRIPT, Batch, DataError, collate, encode_examples, join_prompt_completion,
-                  load_dataset_specs, load_tokenizer, render_chat)
+from data import (TEACHER_SEES_TRANSCRIPT, Batch, DataError, TooLong, collate, encode_examples,
+                  join_prompt_completion, load_dataset_specs, load_tokenizer, render_chat)
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged,
                   inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter)
@@ -1213,7 +1213,7 @@ class RunPlan:
     encoded_eval: list
     data_stats: dict
     truncated: Counter  # rows cut to fit, train + eval, by kind
-    too_long: list  # (source, which prompt, tokens needed) of the rows that could not fit
+    too_long: list[TooLong]  # the rows that could not fit
     per_step: int
     steps_per_epoch: int
     total: int
@@ -1311,11 +1311,11 @@ def data_report(cfg: Config, plan: RunPlan) -> list[str]:
     encoded_rows = len(plan.encoded) + len(plan.encoded_eval)
     considered = encoded_rows + len(plan.too_long)
     if len(plan.too_long) > 0.1 * considered:
-        needs = sorted(need for _, _, need in plan.too_long)
+        lo, hi = min(plan.too_long, key=lambda t: t.need), max(plan.too_long, key=lambda t: t.need)
         lines.append(f"WARNING: {len(plan.too_long)} of {considered} rows ({len(plan.too_long) / considered:.0%}) were "
-                     f"skipped: the final user turn and the completion need {needs[0]} to {needs[-1]} tokens, more "
-                     f"than --max_length {cfg.max_length} (e.g. {plan.too_long[0][0]}: {plan.too_long[0][1]}); "
-                     f"--max_length {needs[-1]} keeps every row")
+                     f"skipped: the final user turn and the completion need {lo.needs} to {hi.needs} tokens, more "
+                     f"than --max_length {cfg.max_length} (e.g. {plan.too_long[0].source}: {plan.too_long[0].side}); "
+                     + (f"--max_length {hi.need} keeps every row" if hi.exact else f"one row needs {hi.needs} tokens"))
     fixes = {"completion_truncated": f"completions cut to --max_completion_length {cfg.max_completion_length} "
                                      "(a cut completion has no end of turn); raise it to keep whole answers",
              "student_prompt_truncated": f"student prompts cut from the left (oldest turns first) to fit "
@@ -1415,9 +1415,9 @@ def train(cfg: Config) -> str:
     log("selfkd: GKD LoRA self-distillation\n" + cfg.describe())
     for bad in plan.data_stats["bad_rows"]:
         log(f"skipped row: {bad}")  # --skip_bad_rows: every skipped row is named, none silently
-    for i, (source, side, need) in enumerate(plan.too_long):  # the first few on screen, all in the log
-        log(f"skipped row: {source}: {side} and the completion need {need} tokens > --max_length {cfg.max_length}",
-            screen=i < 5)
+    for i, row in enumerate(plan.too_long):  # the first few on screen, all in the log
+        log(f"skipped row: {row.source}: {row.side} and the completion need {row.needs} tokens > --max_length "
+            f"{cfg.max_length}", screen=i < 5)
     if len(plan.too_long) > 5:
         log(f"... {len(plan.too_long) - 5} more skipped rows are listed in {os.path.join(cfg.output_dir, LOG_FILE)}")
     for line in data_report(cfg, plan):

@@ -398,6 +398,10 @@ def test_min_tokens_is_a_lower_bound_that_spares_encoding_huge_rows(tok, monkeyp
     stats = Counter()
     assert encode_example(tok, huge, max_length=128, max_completion_length=8, stats=stats) is None
     assert stats == {"skipped_prompt_too_long": 1} and max(seen) < 1000
+    with pytest.raises(DataError, match=r"x\.jsonl:1: .*final user turn \(at least \d+ tokens\) and the \d+-token "
+                                        r"completion need at least \d+ tokens; raise --max_length to at least \d+"):
+        encode_example(tok, huge, max_length=128, max_completion_length=8)
+    assert max(seen) < 1000
 
 
 def test_row_whose_final_turn_cannot_fit(tok):
