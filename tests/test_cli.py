@@ -67,7 +67,8 @@ def test_help_is_printed_once_and_fast():
     assert own.returncode == 0 and "--prompts" in own.stdout and "--do_sample" in own.stdout
 
 
-@pytest.mark.parametrize("case", ["missing model", "unknown flag", "bad value", "bad row", "too few rows"])
+@pytest.mark.parametrize("case", ["missing model", "unknown flag", pytest.param("bad value", marks=pytest.mark.slow),
+                                  "bad row", "too few rows"])
 def test_bad_input_through_run_sh_is_one_line_and_exit_2(case, text_model_dir, tmp_path):
     """run.sh checks flags, model and data in one process before the 2 ranks start."""
     env, args = {"MODEL": text_model_dir}, ["--output_dir", str(tmp_path / "out")]

@@ -333,10 +333,17 @@ def test_an_abort_after_resume_names_the_checkpoint_it_resumed_from(text_model_d
 # 9. the output directory --------------------------------------------------------------------------
 
 
-def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(text_model_dir, tmp_path):
+def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(text_model_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
-    assert cli(small_run(text_model_dir, out, "--max_steps", "2", "--save_steps", "1")).returncode == 0
-    refused = cli(small_run(text_model_dir, out, "--max_steps", "2"))
+    for step in (1, 2):  # what a 2-step run saving every step leaves (a checkpoint is complete with its state file)
+        os.makedirs(os.path.join(out, f"checkpoint-{step}"))
+        with open(os.path.join(out, f"checkpoint-{step}", "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "adam_steps": step}, f)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": step, "loss": 0.1}) + "\n" for step in (1, 2))
+    with open(os.path.join(out, "latest"), "w") as f:
+        f.write("checkpoint-2\n")
+    refused = in_process(small_run(text_model_dir, out, "--max_steps", "2"), capsys, monkeypatch)
     one_line_error(refused, r"--output_dir .* already holds checkpoints .*--resume_from_checkpoint latest.*"
                             r"--overwrite_output_dir true")
     again = cli(small_run(text_model_dir, out, "--max_steps", "1", "--overwrite_output_dir", "true"))
