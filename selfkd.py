@@ -453,14 +453,15 @@ def parse_args(argv: list[str]) -> Config:
 
 
 def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_tokens: int, temperature: float,
-                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool, media_inputs=None):
+                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool, media_inputs=None, media=None):
     """Completions [B, C] and their mask (1 up to and including the first eos) sampled from the
     model as it is now (LoRA on: the student; inside lora_disabled: the teacher). `engine` is the
     DeepSpeed engine or a plain Thinker.
 
     Under ZeRO-3 every rank must make the same number of forward calls, so ranks agree on when
     all of them are done. With `gather` the weights are gathered once for the whole generation
-    instead of at every decode step. `media_inputs`: the prompts' media (MediaInputs) or None."""
+    instead of at every decode step. `media_inputs`: the prompts' media (MediaInputs) or None;
+    `media`: their tower outputs when already computed (the towers then do not run again)."""
     model = getattr(engine, "module", engine)
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -485,7 +486,7 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
     try:
         with gathered_for_generation(engine, gather):
             return generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
-                            pick_next=pick, all_done=all_done, media_inputs=media_inputs)
+                            pick_next=pick, all_done=all_done, media_inputs=media_inputs, media=media)
     finally:
         model.train(was_training)
 
@@ -707,6 +708,11 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     return hidden[:, start - 1:start - 1 + completion_ids.shape[1]]
 
 
+def towers_train(model) -> bool:
+    """Whether the towers have trainable parameters (LoRA with --freeze_vit / --freeze_aligner false)."""
+    return any(p.requires_grad for t in (model.audio_tower, model.visual) if t is not None for p in t.parameters())
+
+
 def tower_outputs(model, batch) -> tuple[list | None, list | None]:
     """(teacher's, student's) tower outputs for a batch, or (None, None) for a model without towers.
 
@@ -718,9 +724,7 @@ def tower_outputs(model, batch) -> tuple[list | None, list | None]:
     whether any of them needs the second pass."""
     if model.audio_tower is None and model.visual is None:
         return None, None
-    towers_train = any(p.requires_grad for t in (model.audio_tower, model.visual) if t is not None
-                       for p in t.parameters())
-    one_pass = float(batch.teacher_media is batch.student_media and not towers_train)
+    one_pass = float(batch.teacher_media is batch.student_media and not towers_train(model))
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         one_pass = all_reduce_min(one_pass, batch.student_prompt_ids.device)
     with torch.no_grad(), lora_disabled(model):
@@ -744,14 +748,14 @@ def gathered_lm_head(model):
 
 
 def gkd_loss_sums(engine, batch, completion_ids, completion_mask, beta: float, temperature: float,
-                  with_sft: bool):
+                  with_sft: bool, towers=None):
     """Teacher pass (LoRA off, no grad, teacher prompt) and student pass (LoRA on, student
     prompt) on the same completion tokens -> (JSD sum, SFT sum, completion tokens).
     Logits exist only at completion positions, a chunk at a time. `engine` is the DeepSpeed
     engine (the student's forward goes through it, so its backward hooks see the loss) or a
-    plain Thinker."""
+    plain Thinker. `towers`: the batch's tower_outputs if already computed."""
     model = getattr(engine, "module", engine)
-    teacher_media, student_media = tower_outputs(model, batch)
+    teacher_media, student_media = towers or tower_outputs(model, batch)
     with torch.no_grad(), lora_disabled(model):
         teacher_h = completion_hidden(model, batch.teacher_prompt_ids, batch.teacher_prompt_mask, completion_ids,
                                       completion_mask, teacher_media, batch.teacher_media)
@@ -786,19 +790,24 @@ def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, t
     """One optimizer step over this rank's micro-batches (every rank calls it in lockstep):
     completions -> teacher pass (LoRA off) -> student pass -> loss -> backward/step.
 
-    `sample(prompt_ids, prompt_mask, media_inputs) -> (ids, mask)` draws completions from the model
-    as it is.
+    `sample(prompt_ids, prompt_mask, media_inputs, media) -> (ids, mask)` draws completions from
+    the model as it is (`media`: the prompts' tower outputs, or None to run the towers).
     Returns the step's sums, or None when the loss is not finite on some rank: the step is then
     skipped before any gradient exists."""
     model, device, world = engine.module, batches[0].student_prompt_ids.device, torch.distributed.get_world_size()
+    # Frozen towers: one tower pass per prompt serves sampling and both loss passes. Every branch
+    # runs it here, before zero3_new_step, so that the traced passes below are the same in each.
+    towers = [None if towers_train(model) else tower_outputs(model, b) for b in batches]
     t0 = time.time()
     completions = []
-    for b in batches:
+    for b, tower in zip(batches, towers):
         if branch == "on-policy":  # the student (LoRA on) answers its own prompt
-            completions.append(sample(b.student_prompt_ids, b.student_prompt_mask, b.student_media))
+            completions.append(sample(b.student_prompt_ids, b.student_prompt_mask, b.student_media,
+                                      tower and tower[1]))
         elif branch == "teacher-sampled":  # --seq_kd: the teacher (LoRA off) answers its prompt
             with lora_disabled(model):
-                completions.append(sample(b.teacher_prompt_ids, b.teacher_prompt_mask, b.teacher_media))
+                completions.append(sample(b.teacher_prompt_ids, b.teacher_prompt_mask, b.teacher_media,
+                                          tower and tower[0]))
         else:  # the dataset's answer
             completions.append((b.completion_ids, b.completion_mask))
     sample_seconds = time.time() - t0
@@ -807,9 +816,9 @@ def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, t
     # same count, times world because DeepSpeed averages the ranks' gradients
     tokens = all_reduce_sum(sum(int(mask.sum()) for _, mask in completions), device)
     losses, jsd_sum, sft_sum = [], 0.0, 0.0
-    for b, (ids, mask) in zip(batches, completions):
+    for b, (ids, mask), tower in zip(batches, completions, towers):
         jsd, sft, _ = gkd_loss_sums(engine, b, ids, mask, beta, temperature,
-                                    with_sft=sft_alpha > 0 and branch != "on-policy")
+                                    with_sft=sft_alpha > 0 and branch != "on-policy", towers=tower)
         losses.append((jsd + sft_alpha * sft) * world / max(tokens, 1.0))
         jsd_sum, sft_sum = jsd_sum + jsd.item(), sft_sum + sft.item()
     if all_reduce_sum(float(all(torch.isfinite(loss).item() for loss in losses)), device) < world:
@@ -1472,11 +1481,11 @@ def train(cfg: Config) -> str:
         torch.manual_seed(step_seed)  # dropout: a function of the step
         sampler = torch.Generator(device=device).manual_seed(step_seed)
 
-        def sample(prompt_ids, prompt_mask, media_inputs):
+        def sample(prompt_ids, prompt_mask, media_inputs, media):
             return sample_completions(engine, prompt_ids, prompt_mask, sampler,
                                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                       top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                                      gather=cfg.gather_for_generation, media_inputs=media_inputs)
+                                      gather=cfg.gather_for_generation, media_inputs=media_inputs, media=media)
 
         branch = step_branch(step, cfg.seed, cfg.lmbda, cfg.seq_kd)
         batches = [to_device(b, device) for b in micro_batches(

@@ -280,10 +280,10 @@ def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=Non
     """selfkd.train_step: one optimizer step, as the training loop calls it. -> loss (float)."""
     from selfkd import sample_completions, train_step
 
-    def sample(prompt_ids, prompt_mask, media_inputs):  # exactly --completion tokens (no eos id < vocab)
+    def sample(prompt_ids, prompt_mask, media_inputs, media):  # exactly --completion tokens (no eos id < vocab)
         return sample_completions(engine, prompt_ids, prompt_mask, generator, max_new_tokens=a.completion,
                                   temperature=a.temperature, top_k=0, top_p=1.0, eos_ids=[cfg.vocab_size], pad_id=0,
-                                  gather=True, media_inputs=media_inputs)
+                                  gather=True, media_inputs=media_inputs, media=media)
 
     result = train_step(engine, [data.batch], "on-policy" if on_policy else "dataset", sample, a.beta,
                         a.temperature, 0.0, 1e-5)

@@ -97,7 +97,7 @@ def take_steps(engine, device, tok, encoded, batch, accumulation, branches, firs
     for step in range(first, len(branches)):
         sampler = torch.Generator().manual_seed(1000 * step + rank)
 
-        def sample(ids, mask, media):
+        def sample(ids, mask, media_inputs, media):
             return sample_completions(engine, ids, mask, sampler, max_new_tokens=8, temperature=TEMPERATURE,
                                       top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=True)
 

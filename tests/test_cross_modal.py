@@ -3,19 +3,21 @@ model, LoRA off) reads their transcripts and captions. On the embedded default (
 
 - with the same media on both sides the divergence and every LoRA gradient are exactly 0;
 - with the teacher reading the transcript, the held-out divergence falls;
-- frozen towers run once per micro-batch when both prompts carry the same media;
+- frozen towers run once per micro-batch when both prompts carry the same media, also in a
+  step that samples (the sampling gets the step's tower outputs);
 - 2 processes under ZeRO-3 with media rows in both branches, eval and checkpoints, and an
   exact resume.
 """
 import os
+from contextlib import nullcontext
 
 import pytest
 import torch
 
 from data import collate, encode_examples, load_dataset_specs, load_tokenizer
-from lora import inject_lora, lora_parameters
+from lora import inject_lora, lora_disabled, lora_parameters
 from model_qwen3omni import load_thinker
-from selfkd import gkd_loss_sums, tower_outputs
+from selfkd import gkd_loss_sums, sample_completions, tower_outputs, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNI = os.path.join(ROOT, "data", "sample_omni.jsonl")
@@ -73,6 +75,62 @@ def test_frozen_towers_run_once_when_both_prompts_carry_the_same_media(tiny_mode
     assert text_for_teacher.teacher_media is None and text_for_teacher.student_media is not None
     tower_outputs(model, text_for_teacher)
     assert len(calls) == 2  # the teacher's (nothing) and the student's
+
+
+class OneProcessEngine:
+    """What train_step uses of a DeepSpeed engine, on one process without DeepSpeed."""
+
+    def __init__(self, model):
+        self.module, self.optimizer = model, torch.optim.SGD([p for _, p in lora_parameters(model)], lr=0.0)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss, scale_wrt_gas):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def get_global_grad_norm(self):
+        return None
+
+
+@pytest.mark.parametrize("branch, transcript", [("on-policy", "false"), ("on-policy", "true"),
+                                                ("teacher-sampled", "false")])
+def test_a_sampling_step_runs_the_frozen_towers_once_and_samples_as_they_would(tiny_model_dir, monkeypatch,
+                                                                                branch, transcript):
+    """train_step computes the tower outputs once and hands them to sampling: the towers run once
+    per distinct media (not again in generation's prefill), and the tokens drawn are the tokens
+    sampling draws when it runs the towers itself."""
+    model = student(tiny_model_dir)
+    with torch.no_grad():  # a student that differs from the teacher
+        for name, p in lora_parameters(model):
+            if name.endswith("B"):
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    batch = audio_batches(tiny_model_dir, transcript)[0]
+    tok = load_tokenizer(tiny_model_dir)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 1)
+    calls, real = [], model.encode_media
+    monkeypatch.setattr(model, "encode_media", lambda media: calls.append(media) or real(media))
+    drawn = []
+
+    def sample(prompt_ids, prompt_mask, media_inputs, media, run_towers=False):
+        ids = sample_completions(model, prompt_ids, prompt_mask, torch.Generator().manual_seed(5), max_new_tokens=6,
+                                 temperature=1.0, top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                 gather=False, media_inputs=media_inputs, media=None if run_towers else media)
+        drawn.append((prompt_ids, prompt_mask, media_inputs, ids))
+        return ids
+
+    result = train_step(OneProcessEngine(model), [batch], branch, sample, 0.5, 2.0, 0.0, 0.0)
+    assert result["sampled"] > 0 and result["jsd_sum"] > 0
+    assert len(calls) == (1 if transcript == "false" else 2)  # teacher and student share one pass, or not
+    (prompt_ids, prompt_mask, media_inputs, (ids, mask)), = drawn
+    context = lora_disabled(model) if branch == "teacher-sampled" else nullcontext()
+    with context:
+        again, again_mask = sample(prompt_ids, prompt_mask, media_inputs, None, run_towers=True)
+    assert torch.equal(ids, again) and torch.equal(mask, again_mask)
 
 
 def test_the_student_learns_to_answer_from_sound_as_the_teacher_does_from_text(tiny_model_dir):
