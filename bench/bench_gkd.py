@@ -256,34 +256,35 @@ def selfkd_generate(a, cfg, model, data, generator):
         model.train(was)
 
 
-def selfkd_engine(a, cfg, path):
-    """Our model (a second copy, the same weights and LoRA) in the DeepSpeed engine `selfkd.py` builds on
-    one process: selfkd.deepspeed_config for the zero3 preset at world size 1 (ZeRO-2), a 1-rank process
-    group (gloo on CPU, nccl on CUDA), AdamW as train() makes it."""
+def selfkd_engine(model, dtype: str, batch: int):
+    """`model` (a second copy of ours, the same weights and LoRA) in the DeepSpeed engine `selfkd.py`
+    builds on one process: selfkd.deepspeed_config for the zero3 preset at world size 1 (ZeRO-2), a
+    1-rank process group (gloo on CPU, nccl on CUDA), AdamW as train() makes it."""
     import deepspeed
 
     from lora import lora_parameters
     from selfkd import Config, deepspeed_config, init_distributed
 
-    run = Config(deepspeed="zero3", torch_dtype=a.dtype, per_device_train_batch_size=a.batch, learning_rate=1e-5,
+    run = Config(deepspeed="zero3", torch_dtype=dtype, per_device_train_batch_size=batch, learning_rate=1e-5,
                  lora_rank=8, lora_alpha=16, lora_dropout=0.0)
-    ds = deepspeed_config(run, torch_dtype(a), world_size=1)
+    ds = deepspeed_config(run, getattr(torch, dtype), world_size=1)
     init_distributed(run)
-    model = load_ours(a, path, cfg)
     opt = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=run.learning_rate,
                             betas=(run.adam_beta1, run.adam_beta2), eps=run.adam_epsilon, weight_decay=run.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     return engine
 
 
-def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=None):
-    """selfkd.train_step: one optimizer step, as the training loop calls it. -> loss (float)."""
+def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=None, reuse_towers=True):
+    """selfkd.train_step: one optimizer step, as the training loop calls it. -> loss (float).
+    reuse_towers=False makes sampling run the towers itself (what train_step did before it passed
+    the step's tower outputs to sampling; bench_omni's reuse section)."""
     from selfkd import sample_completions, train_step
 
     def sample(prompt_ids, prompt_mask, media_inputs, media):  # exactly --completion tokens (no eos id < vocab)
         return sample_completions(engine, prompt_ids, prompt_mask, generator, max_new_tokens=a.completion,
                                   temperature=a.temperature, top_k=0, top_p=1.0, eos_ids=[cfg.vocab_size], pad_id=0,
-                                  gather=True, media_inputs=media_inputs, media=media)
+                                  gather=True, media_inputs=media_inputs, media=media if reuse_towers else None)
 
     result = train_step(engine, [data.batch], "on-policy" if on_policy else "dataset", sample, a.beta,
                         a.temperature, 0.0, 1e-5)
@@ -988,7 +989,7 @@ def main(argv=None):
             f"{sum(p.numel() for p in lora_params(ours)):,}, peft {sum(p.numel() for p in lora_params(peer)):,}")
     if "step" in a.only or a.profile:
         t = time.perf_counter()
-        engine = selfkd_engine(a, cfg, path)
+        engine = selfkd_engine(load_ours(a, path, cfg), a.dtype, a.batch)
         log(f"DeepSpeed engine for train_step: ZeRO stage {engine.zero_optimization_stage()} "
             f"({time.perf_counter() - t:.1f} s)")
     if "step" in a.only:

@@ -31,9 +31,11 @@ Sections (--only):
            (ours: lora_disabled; peer: disable_adapter()), and the towers alone (encode_media vs
            transformers' get_audio_features + get_image_features); logits and tower outputs checked.
   step     one multimodal GKD step, off-policy (dataset completion) and on-policy (the student samples
-           --completion tokens first). selfkd: selfkd.gkd_loss_sums (towers once, teacher pass under
-           no_grad + lora_disabled, student pass, chunked JSD on the completion positions) + backward +
-           AdamW; on-policy: selfkd.sample_completions(media_inputs=...) first. peer: transformers
+           --completion tokens first). selfkd: selfkd.train_step, as the training loop calls it, on the
+           one-process DeepSpeed engine selfkd.py builds (bench_gkd.selfkd_engine: ZeRO-2, AdamW; towers
+           once per step, also for sampling, teacher pass under no_grad + lora_disabled, student pass,
+           chunked JSD on the completion positions, backward, step). The checks before it (loss and
+           gradient against the peer, tower calls) use the bare step, selfkd.gkd_loss_sums + backward. peer: transformers
            thinker + PEFT, teacher = the same model under disable_adapter(), TRL 1.16
            GKDTrainer.compute_loss line for line (student then teacher full-sequence logits, shift,
            GKDTrainer.generalized_jsd_loss with labels masking the prompt, temperature passed as
@@ -43,7 +45,9 @@ Sections (--only):
   reuse    our off-policy step with the same media on both sides (one tower pass) vs teacher_media a
            distinct but equal MediaInputs (a second pass for the student): s/step and the fraction saved;
            tower calls counted and the two losses compared; its own interleaved loop (--reuse-reps),
-           with one encode_media call timed beside it as the yardstick.
+           with one encode_media call timed beside it as the yardstick. Then selfkd.train_step
+           on-policy with the step's tower outputs handed to generation (as train_step does) vs
+           generation running the towers itself.
   memory   peak RSS (Linux VmHWM) of each variant in a FRESH subprocess: imports, load, reset the
            high-water mark (/proc/self/clear_refs), one call; the peak during the call and the loading peak.
 --profile adds torch.profiler's top ops of one off-policy step per side.
@@ -56,8 +60,8 @@ every op and run 4-8x slower (pass --threads 2 on a quiet machine).
 
 Sampling on both sides: T 2.0, top_k 0, top_p 1, exactly --completion tokens (no eos can stop a row).
 A sampled <|image_pad|> or <|audio_pad|> would make the prompt + completion forward count more
-placeholders than there are media (both stacks raise); the bench replaces sampled media placeholder and
-marker ids in the completion by a text id, on both sides (an elementwise op per step).
+placeholders than there are media (both stacks raise). selfkd.sample_completions never samples them;
+the peer's completions and the bare step's get such ids replaced by a text id (an elementwise op).
 """
 from __future__ import annotations
 
@@ -595,11 +599,18 @@ def run_step(a, cfg, ours, peer, batch, kw, results, log):
             f"{check['grad_rel_diff']:.2e}); warm-up s: selfkd {t1 - t:.1f}, peer {time.perf_counter() - t2:.1f}")
     results["check"] = check
 
+    from types import SimpleNamespace
+
+    from bench_gkd import selfkd_engine, selfkd_train_step
+
     gen = torch.Generator().manual_seed(0)
+    engine = selfkd_engine(load_ours(a, ckpt_path(a, cfg)), "float32", a.batch)
+    data = SimpleNamespace(batch=batch)
+    selfkd_train_step(a, cfg, engine, data, False)  # warm-up of the engine
     if do_step:
-        fns = {"selfkd-off": lambda: selfkd_step(a, cfg, ours, oopt, batch, False),
+        fns = {"selfkd-off": lambda: selfkd_train_step(a, cfg, engine, data, False),
                "peer-off": lambda: peer_step(a, cfg, peer, popt, batch, kw, False),
-               "selfkd-on": lambda: selfkd_step(a, cfg, ours, oopt, batch, True, gen),
+               "selfkd-on": lambda: selfkd_train_step(a, cfg, engine, data, True, gen),
                "peer-on": lambda: peer_step(a, cfg, peer, popt, batch, kw, True)}
         times = interleaved(fns, a.reps, log, "step")
         rows = {n: {"median_s": med(t), "tokens_per_s": tok / med(t), "times": t} for n, t in times.items()}
@@ -633,6 +644,16 @@ def run_step(a, cfg, ours, peer, batch, kw, results, log):
             f"{(two_s - one) / two_s:.1%} of the two-pass step; one encode_media call: {tw:.3f} s")
         results["reuse"] = dict(rows=rows, saved_s=two_s - one, saved_paired_s=paired,
                                 saved_frac=(two_s - one) / two_s)
+        log(f"\n## Tower reuse in sampling: selfkd.train_step on-policy, the step's tower outputs handed to "
+            f"generation (as train_step does) vs generation running the towers itself; {a.reuse_reps} reps")
+        fns = {"handed": lambda: selfkd_train_step(a, cfg, engine, data, True, gen),
+               "run again": lambda: selfkd_train_step(a, cfg, engine, data, True, gen, reuse_towers=False)}
+        times = interleaved(fns, a.reuse_reps, log, "sampling reuse")
+        handed, again = med(times["handed"]), med(times["run again"])
+        log(f"handed     median {handed:.3f} s {[round(x, 2) for x in times['handed']]}\n"
+            f"run again  median {again:.3f} s {[round(x, 2) for x in times['run again']]}\n"
+            f"  saved per on-policy step: {again - handed:.3f} s = {(again - handed) / again:.1%}")
+        results["sampling_reuse"] = dict(handed_s=handed, run_again_s=again, saved_frac=(again - handed) / again)
 
 
 def run_profile(a, cfg, ours, peer, batch, kw, log):
@@ -671,6 +692,10 @@ def summary(a, cfg, results, log):
         one, two = u["rows"]["one pass"]["median_s"], u["rows"]["two passes"]["median_s"]
         log(f"| selfkd off-policy step, towers once vs twice, s | {one:.2f} | ({two:.2f}, two passes) | "
             f"{u['saved_frac']:.0%} saved |")
+    r = results.get("sampling_reuse")
+    if r:
+        log(f"| selfkd on-policy step, tower outputs handed to sampling vs run again, s | {r['handed_s']:.2f} | "
+            f"({r['run_again_s']:.2f}, run again) | {r['saved_frac']:.0%} saved |")
     m = results.get("memory")
     if m:
         for o, p, what in (("fwd-selfkd", "fwd-peer", "forward"), ("selfkd-off", "peer-off", "step off-policy"),
@@ -683,6 +708,7 @@ def summary(a, cfg, results, log):
 def main(argv=None):
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the step runs on selfkd's DeepSpeed engine; before it is imported
     import selfkd  # noqa: F401
 
     if a.worker:
