@@ -913,8 +913,8 @@ def load_dataset_specs(
             "train": len(train_idx), "eval": len(eval_idx),
         })
     stats["train"], stats["eval"] = len(train), len(evaluation)
-    # With no privileged context the teacher equals the student and GKD cannot move
-    # (REFERENCE.md section 4); the trainer can warn when this is 0.
+    # With no privileged context the teacher equals the student and GKD cannot move (the
+    # fixed point, README); the trainer warns when this is 0.
     stats["teacher_differs"] = sum(e.teacher_messages != e.student_messages for e in train)
     return train, evaluation, stats
 

@@ -38,7 +38,7 @@ Rules this module chooses (where the released pipelines differ or say nothing):
   smart_resize and the processor then resizes again; we do not reproduce that double resize.
 * Audio features are computed for ONE clip alone (as ms-swift does, one processor call per
   sample). In a batch the HF extractor pads clips to the longest, which can add a frame to a
-  short clip (REFERENCE-omni.md 2.1); we never do that.
+  short clip (the extractor's padding enters the last STFT frame); we never do that.
 * Video frames are sampled as qwen-omni-utils does (2 fps, 4..768 frames, an even count,
   linspace(...).round() indices); the HF video processor itself samples nothing.
 * Loading audio equals librosa.load(path, sr=16000) (what qwen-omni-utils and ms-swift call) for

@@ -510,7 +510,7 @@ def rope_index(input_ids, attention_mask, cfg: ThinkerConfig, *, image_grid_thw=
         whole batch (row 0's media first); video_second_per_grid [n_vid]: seconds per temporal grid step
         (temporal_patch_size / fps; 2.0 with the processor's default fps).
     audio_token_counts [n_audio] (optional): tokens per audio clip, checked against the placeholder runs
-        (transformers takes frame counts instead; 13 tokens per 100 frames, REFERENCE-omni 2.2). Audio
+        (transformers takes frame counts instead; 13 tokens per 100 frames, towers.audio_token_count). Audio
         blocks are read from the ids, so the counts are not needed to place them.
     use_audio_in_video: the videos are audio-in-video blocks; must match the ids.
     Returns positions float32 [3, B, S] (pads 0) and rope_deltas float32 [B, 1].

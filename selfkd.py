@@ -604,7 +604,8 @@ def init_distributed(cfg: Config):
 
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
+    if "MASTER_PORT" not in os.environ:  # a lone process: torch's default port 29500, offset by the
+        # pid so that two single-process runs on one machine (e.g. a test suite's) do not collide
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout))

@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from media import audio_token_count  # tokens per clip: 13 per 100-frame chunk (the processor's count too)
+
 
 # ----------------------------------------------------------------------------------------------
 # Configs
@@ -179,16 +181,6 @@ def windowed_attention(q, k, v, groups: list[torch.Tensor]):
 
 # ----------------------------------------------------------------------------------------------
 # Audio tower
-
-
-def audio_token_count(n_frames: int) -> int:
-    """Tokens the audio tower emits for a clip of `n_frames` mel frames: 13 per full 100-frame chunk, and
-    the remainder chunk halved (rounding up) by each of the three stride-2 convolutions."""
-    def conv(n):  # output length of one Conv2d(k=3, stride=2, padding=1) along time
-        return (n - 1) // 2 + 1
-
-    rest = n_frames % 100
-    return n_frames // 100 * 13 + (conv(conv(conv(rest))) if rest else 0)
 
 
 def sinusoids(length: int, channels: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ import types
 TORCHVISION_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                ".venv", "torchvision-ref")
 
-# released preprocessor_config.json (REFERENCE-omni.md 1.4). It has n_samples 4800000 but no chunk_length,
+# the released preprocessor_config.json's feature extractor. It has n_samples 4800000 but no chunk_length,
 # so WhisperFeatureExtractor keeps chunk_length=30 and recomputes n_samples=480000 (harmless: no truncation).
 FE_KW = dict(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400, n_samples=4800000,
              nb_max_frames=30000, padding_value=0.0, padding_side="right", return_attention_mask=True, dither=0.0)

@@ -22,7 +22,7 @@ from model_qwen3omni import (MediaEmbeds, MediaInputs, Thinker, ThinkerConfig, g
 from tiny import init_random_
 from zero3_omni import VOCAB_STRIDE
 
-# Released special ids (REFERENCE-omni 1.3): the tiny HF model uses them, so its vocab is the real 152064.
+# Released special ids (the released config.json): the tiny HF model uses them, so its vocab is the real 152064.
 VS, VE, AS, AE = 151652, 151653, 151669, 151670
 IMG, VID, AUD = 151655, 151656, 151675
 IDS = dict(audio_token_id=AUD, image_token_id=IMG, video_token_id=VID, audio_start_token_id=AS,
@@ -44,7 +44,7 @@ VISION = dict(depth=2, hidden_size=16, out_hidden_size=64, intermediate_size=32,
 PATCH = 3 * 2 * 16 * 16  # one pixel row: (C, T, Ph, Pw)
 
 
-def n_audio_tokens(frames: int) -> int:  # REFERENCE-omni 2.2
+def n_audio_tokens(frames: int) -> int:  # transformers' _get_feat_extract_output_lengths
     c = lambda n: (n - 1) // 2 + 1
     r = frames % 100
     return (frames // 100) * 13 + (c(c(c(r))) if r else 0)
