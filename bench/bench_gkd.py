@@ -99,11 +99,17 @@ def parse_args(argv=None):
 
         from loss import chunked_jsd_loss_sum
         a.loss_chunk = inspect.signature(chunked_jsd_loss_sum).parameters["chunk_size"].default
-    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
-    bad = [s for s in a.only if s not in SECTIONS]
-    if bad:
-        p.error(f"--only: unknown section(s) {bad}; choose from {SECTIONS}")
+    a.only = parse_only(p, a.only, SECTIONS)
     return a
+
+
+def parse_only(parser, only: str, sections) -> list[str]:
+    """--only's comma list, each name one of `sections` (else argparse's error)."""
+    names = [s.strip() for s in only.split(",") if s.strip()]
+    bad = [s for s in names if s not in sections]
+    if bad:
+        parser.error(f"--only: unknown section(s) {bad}; choose from {sections}")
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,14 +341,17 @@ def peer_inputs(data):
             "prompts": data.prompt_ids, "prompt_attention_mask": data.prompt_mask}
 
 
-def peer_compute_loss(a, student, teacher, inputs):
+def peer_compute_loss(a, student, teacher, inputs, media_kw=None):
     """TRL 1.16 GKDTrainer.compute_loss, line for line, with temperature passed to the loss (ms-swift).
-    `teacher` is a callable; for the shared base it runs the PEFT model under disable_adapter()."""
+    `teacher` is a callable; for the shared base it runs the PEFT model under disable_adapter().
+    `media_kw`: the media passed to both forwards (bench_omni; TRL itself passes only ids and mask,
+    ms-swift passes the media)."""
     from trl.experimental.gkd import GKDTrainer
 
-    student_outputs = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    media_kw = media_kw or {}
+    student_outputs = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **media_kw)
     with torch.no_grad():
-        teacher_outputs = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        teacher_outputs = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **media_kw)
     shifted_student_logits = student_outputs.logits[:, :-1, :]
     shifted_teacher_logits = teacher_outputs.logits[:, :-1, :]
     shifted_labels = inputs["labels"][:, 1:]

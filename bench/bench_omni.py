@@ -70,7 +70,6 @@ import copy
 import dataclasses
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -82,6 +81,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
+
+from bench_gkd import med, parse_only  # noqa: E402
 
 SECTIONS = ("forward", "step", "reuse", "memory")
 MEMORY_VARIANTS = ("fwd-selfkd", "fwd-peer", "selfkd-off", "peer-off", "selfkd-on", "peer-on")
@@ -114,10 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one memory variant
     a = p.parse_args(argv)
-    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
-    bad = [s for s in a.only if s not in SECTIONS]
-    if bad:
-        p.error(f"--only: unknown section(s) {bad}; choose from {SECTIONS}")
+    a.only = parse_only(p, a.only, SECTIONS)
     return a
 
 
@@ -306,22 +304,6 @@ def selfkd_step(a, cfg, model, opt, batch, on_policy, generator=None, do_step=Tr
     return backward_and_step(jsd / max(n, 1), opt, do_step)
 
 
-def peer_compute_loss(a, student, teacher, inputs, media_kw):
-    """TRL 1.16 GKDTrainer.compute_loss line for line, the media passed to both forwards, temperature
-    passed to the loss (ms-swift)."""
-    from trl.experimental.gkd import GKDTrainer
-
-    student_outputs = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **media_kw)
-    with torch.no_grad():
-        teacher_outputs = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **media_kw)
-    shifted_student_logits = student_outputs.logits[:, :-1, :]
-    shifted_teacher_logits = teacher_outputs.logits[:, :-1, :]
-    shifted_labels = inputs["labels"][:, 1:]
-    return GKDTrainer.generalized_jsd_loss(student_logits=shifted_student_logits,
-                                           teacher_logits=shifted_teacher_logits, labels=shifted_labels,
-                                           beta=a.beta, temperature=a.temperature)
-
-
 class WithMedia:
     """What TRL's generate_on_policy_outputs calls `model`: its generate gets the prompts' media too."""
 
@@ -343,7 +325,7 @@ def peer_inputs(batch):
 
 
 def peer_step(a, cfg, peft_model, opt, batch, media_kw, on_policy, do_step=True):
-    from bench_gkd import backward_and_step, peer_generation_config, shared_teacher
+    from bench_gkd import backward_and_step, peer_compute_loss, peer_generation_config, shared_teacher
     from trl.experimental.gkd import GKDTrainer
 
     inputs = peer_inputs(batch)
@@ -490,10 +472,6 @@ def run_memory(a, cfg, batch, results, log):
 
 # ----------------------------------------------------------------------------------------------
 # Sections
-
-
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
 
 
 def interleaved(fns, reps, log, label):
