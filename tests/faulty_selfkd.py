@@ -5,6 +5,8 @@
     enospc_during_save=N  the N-th checkpoint write fails with ENOSPC (disk full)
     safetensors_error_during_save=N  the N-th checkpoint's adapter write fails inside safetensors
     nan_loss=2,3          the training loss of these steps (1-based) is NaN
+    peer_lost_after_save=N  the N-th checkpoint is written, then the collective that confirms it
+                          fails as when another rank has died
 """
 import errno
 import os
@@ -47,6 +49,16 @@ elif fault == "nan_loss":
         return jsd, sft, n
 
     selfkd.is_on_policy, selfkd.gkd_loss_sums = is_on_policy, gkd_loss_sums
+elif fault == "peer_lost_after_save":
+    real_broadcast, saves = selfkd._broadcast_error, [0]
+
+    def _broadcast_error(error):  # rank 0 has written the checkpoint; the other ranks confirm here
+        saves[0] += 1
+        if saves[0] == int(arg):
+            raise RuntimeError("[gloo] Connection closed by peer")
+        return real_broadcast(error)
+
+    selfkd._broadcast_error = _broadcast_error
 elif fault:
     sys.exit(f"unknown SELFKD_FAULT {fault!r}")
 

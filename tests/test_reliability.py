@@ -281,6 +281,16 @@ def test_a_dead_rank_ends_the_survivor_by_itself_and_keeps_the_last_checkpoint(t
 # 8. disk full at save time -------------------------------------------------------------------
 
 
+def test_a_rank_lost_right_after_a_save_names_that_checkpoint(text_model_dir, tmp_path):
+    """Rank 0 has written checkpoint-2 completely when the collective that confirms it fails (a rank
+    died just then): the message must name checkpoint-2, which resume would pick, not 'none'."""
+    out = str(tmp_path / "out")
+    result = cli(small_run(text_model_dir, out, "--max_steps", "4", "--save_steps", "2"),
+                 fault="peer_lost_after_save=1", script="faulty_selfkd.py")
+    one_line_error(result, r"lost contact with another rank .*last complete checkpoint: .*checkpoint-2$", code=1)
+    assert os.path.isfile(os.path.join(out, "checkpoint-2", "trainer_state.json"))
+
+
 def test_disk_full_at_save_is_a_clear_error_and_keeps_older_checkpoints(text_model_dir, tmp_path):
     out = str(tmp_path / "out")
     result = cli(small_run(text_model_dir, out, "--max_steps", "3", "--save_steps", "1"),
