@@ -38,7 +38,10 @@ RUNS = {
     "zero2_b2": ("zero2", 2, 1, ["dataset", "dataset", "on-policy"]),
     "zero3_b2": ("zero3", 2, 1, ["dataset", "dataset", "on-policy"]),
     "offload_b2": ("zero3_offload", 2, 1, ["dataset", "dataset", "on-policy"]),
+    # on the omni model (MODEL_DIR with towers), rows with images, audio and video: branches alternate
+    "zero3_media_b2": ("zero3", 2, 1, ["dataset", "on-policy", "dataset", "on-policy"]),
 }
+MEDIA_RUNS = {"zero3_media_b2"}
 RESUME_AFTER = 1  # runs named "<run>+resume": save after this many steps, then a fresh engine resumes
 
 
@@ -70,7 +73,7 @@ def lora_weights(engine) -> dict:
     return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in lora_parameters(engine.module)}
 
 
-def build(model_dir: str, preset: str, batch: int, accumulation: int):
+def build(model_dir: str, preset: str, batch: int, accumulation: int, towers: bool = False):
     import deepspeed
 
     cfg = Config(model=model_dir, torch_dtype="float32", deepspeed=preset, lora_rank=4, lora_alpha=8,
@@ -78,11 +81,11 @@ def build(model_dir: str, preset: str, batch: int, accumulation: int):
                  learning_rate=LR, adam_epsilon=EPS, seed=SEED)
     ds = deepspeed_config(cfg, torch.float32)
     device = init_distributed(cfg)
-    model, _ = build_student(cfg, ds, torch.float32, device, log=lambda msg: None)
+    model, _ = build_student(cfg, ds, torch.float32, device, log=lambda msg: None, towers=towers)
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for name, p in lora_parameters(model):  # B = 0 would leave A without a gradient at first
-            if name.endswith(".B") or name.endswith("_B"):
+            if name.endswith(".B"):
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
     optimizer = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=cfg.learning_rate,  # as train()
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
@@ -99,7 +102,8 @@ def take_steps(engine, device, tok, encoded, batch, accumulation, branches, firs
 
         def sample(ids, mask, media_inputs, media):
             return sample_completions(engine, ids, mask, sampler, max_new_tokens=8, temperature=TEMPERATURE,
-                                      top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=True)
+                                      top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=True,
+                                      media_inputs=media_inputs, media=media)
 
         batches = [to_device(b, device) for b in micro_batches(encoded, step, SEED, batch, accumulation, rank,
                                                                world, tok.pad_id)]
@@ -113,13 +117,21 @@ def take_steps(engine, device, tok, encoded, batch, accumulation, branches, firs
 
 def main(model_dir: str, out_file: str, runs: str):
     tok = load_tokenizer(model_dir)
-    examples, _, _ = load_dataset_specs([str(SAMPLE_DATASET)], seed=0, split_ratio=0.0, teacher_sees_reference=True)
-    encoded, _ = encode_examples(tok, examples[:24], max_length=128, max_completion_length=8)
+    media = all(name in MEDIA_RUNS for name in runs.split(","))
+    if media:
+        dataset, kw = os.path.join(os.path.dirname(str(SAMPLE_DATASET)), "sample_omni.jsonl"), {}
+    else:
+        dataset, kw = str(SAMPLE_DATASET), {"teacher_sees_reference": True}
+    examples, _, _ = load_dataset_specs([dataset], seed=0, split_ratio=0.0, **kw)
+    if media:  # the rows with audio only: every step calls the same towers (a step's tower calls follow
+        # the modalities present, which would change the traced passes from step to step by themselves)
+        examples = [e for e in examples if {m.kind for m in e.media.values()} == {"audio"}]
+    encoded, _ = encode_examples(tok, examples[:24], max_length=1024 if media else 128, max_completion_length=8)
     results = {}
     for name in runs.split(","):
         run, resume = name.removesuffix("+resume"), name.endswith("+resume")
         preset, batch, accumulation, branches = RUNS[run]
-        engine, device = build(model_dir, preset, batch, accumulation)
+        engine, device = build(model_dir, preset, batch, accumulation, towers=media)
         rows = take_steps(engine, device, tok, encoded, batch, accumulation, branches[:RESUME_AFTER] if resume
                           else branches)
         if resume:  # save (real checkpoint files), then a fresh engine loads them and takes the rest
@@ -128,7 +140,7 @@ def main(model_dir: str, out_file: str, runs: str):
                 torch.distributed.broadcast_object_list(box, src=0)  # rank 0's directory on every rank
                 path = save_checkpoint(engine.engine, box[0], RESUME_AFTER, {"step": RESUME_AFTER}, False, None,
                                        log=lambda msg: None)
-                engine, device = build(model_dir, preset, batch, accumulation)
+                engine, device = build(model_dir, preset, batch, accumulation, towers=media)
                 load_checkpoint(engine.engine, path, log=lambda msg: None)
                 torch.distributed.barrier()  # every rank has read it before rank 0 removes it
             rows += take_steps(engine, device, tok, encoded, batch, accumulation, branches, first=RESUME_AFTER)

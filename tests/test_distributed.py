@@ -98,6 +98,16 @@ def test_zero3_fetch_trace_repeats_from_the_second_step(runs):
         assert [r["complete_trace"] for r in runs[run]] == [False, True, True][:len(runs[run])], run
 
 
+@pytest.mark.slow
+def test_zero3_fetch_trace_stays_complete_with_media_rows_in_both_branches(tiny_model_dir, tmp_path):
+    """The omni model on the sample's audio rows, dataset and on-policy steps alternating: the frozen
+    towers run before zero3_new_step in every branch, so each step's traced passes are the same and
+    the trace is complete from the second step on (towers run for on-policy steps alone: never)."""
+    rows = launch(2, "zero3_media_b2", tiny_model_dir, str(tmp_path / "media.pt"))["zero3_media_b2"]
+    assert [r["complete_trace"] for r in rows] == [False, True, True, True]
+    assert all(r["tokens"] > 0 and r["jsd_sum"] > 0 for r in rows)
+
+
 def test_one_process_runs_the_zero3_preset_as_zero2(tmp_path):
     def stage(deepspeed, world):
         return deepspeed_config(Config(deepspeed=deepspeed), torch.float32, world_size=world)["zero_optimization"]
