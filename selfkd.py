@@ -798,7 +798,7 @@ def train_step(engine, batches: list[Batch], branch: str, sample, beta: float, t
     model, device, world = engine.module, batches[0].student_prompt_ids.device, torch.distributed.get_world_size()
     # Frozen towers: one tower pass per prompt serves sampling and both loss passes. Every branch
     # runs it here, before zero3_new_step, so that the traced passes below are the same in each.
-    towers = [None if towers_train(model) else tower_outputs(model, b) for b in batches]
+    towers = [None] * len(batches) if towers_train(model) else [tower_outputs(model, b) for b in batches]
     t0 = time.time()
     completions = []
     for b, tower in zip(batches, towers):

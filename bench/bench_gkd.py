@@ -137,20 +137,41 @@ def ckpt_path(a, cfg):
 
 def ensure_checkpoint(a, cfg, log=print):
     """transformers' full Qwen3-Omni (tiny towers) with `cfg` as its thinker text config, saved once."""
-    path = ckpt_path(a, cfg)
+    def write(tmp):
+        from hf_models import hf_full_model
+
+        build_device = a.device if a.real_width else "cpu"  # real width: initialise on the GPU, not 12 GB on CPU
+        with torch.device(build_device):
+            hf = hf_full_model(cfg, seed=0)
+        hf.to(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32).save_pretrained(tmp)
+        del hf
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    return cached_checkpoint(ckpt_path(a, cfg), write, log)
+
+
+def run_worker(script, variant, log):
+    """One memory variant in a fresh `script --worker variant` process (this run's other flags):
+    its RESULT row plus wall_s, or None (logged) when the worker failed."""
+    cmd = [sys.executable, os.path.abspath(script), *strip_flags(sys.argv[1:]), "--worker", variant]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        log(f"  {variant}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+        return None
+    return dict(json.loads(line[0][len("RESULT "):]), wall_s=time.perf_counter() - t)
+
+
+def cached_checkpoint(path, write, log=print):
+    """`path` if it holds a checkpoint, else write(tmp) into a temporary directory renamed to `path`
+    (a crash never leaves a half-written one that a later run would take)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from hf_models import hf_full_model
-
     t = time.perf_counter()
-    build_device = a.device if a.real_width else "cpu"  # real width: initialise on the GPU, not 12 GB on CPU
-    with torch.device(build_device):
-        hf = hf_full_model(cfg, seed=0)
     tmp = f"{path}.tmp-{os.getpid()}"
-    hf.to(torch.bfloat16 if a.dtype == "bfloat16" else torch.float32).save_pretrained(tmp)
-    del hf
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    write(tmp)
     os.replace(tmp, path)
     log(f"wrote random checkpoint {path} ({time.perf_counter() - t:.1f} s)")
     return path
@@ -486,15 +507,9 @@ def run_memory(a, cfg, results, log):
     del ours
     rows = {}
     for v in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), *strip_flags(sys.argv[1:]), "--worker", v]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            log(f"  {v}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
-            continue
-        rows[v] = json.loads(line[0][len("RESULT "):])
-        rows[v]["wall_s"] = time.perf_counter() - t
+        row = run_worker(__file__, v, log)
+        if row is not None:
+            rows[v] = row
     log(f"{'variant':<14} {'raw peak GiB':>12} {'step peak GiB':>13} {'step - loaded':>13} {'peak - imports':>14} "
         f"{'imports':>8} {'loaded':>7} {'step s':>7}")
     for v, r in rows.items():

@@ -109,20 +109,31 @@ def parse_args():
 # Models
 
 
+def router_std(args) -> float:
+    """--router-std, else hidden^-0.5: router logits ~ N(0, 1)."""
+    return args.router_std if args.router_std is not None else args.hidden ** -0.5
+
+
+def random_block(args):
+    """(selfkd's SparseMoE at args' width with seeded random weights: router ~ N(0, router_std),
+    experts ~ N(0, 0.02); the generator, to draw more from)."""
+    cfg = ThinkerConfig(hidden_size=args.hidden, num_experts=args.experts, num_experts_per_tok=args.topk,
+                        moe_intermediate_size=args.inter, norm_topk_prob=True)
+    block = SparseMoE(cfg)
+    g = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        block.gate.weight.copy_(router_std(args) * torch.randn(block.gate.weight.shape, generator=g))
+        for p in (block.experts.gate_up_proj, block.experts.down_proj):
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return block, g
+
+
 def build(args, dtype):
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeThinkerTextSparseMoeBlock
 
     H, E, K, I = args.hidden, args.experts, args.topk, args.inter
-    cfg = ThinkerConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
-                        norm_topk_prob=True)
-    ours = SparseMoE(cfg)
-    g = torch.Generator().manual_seed(args.seed)
-    router_std = args.router_std if args.router_std is not None else H ** -0.5
-    with torch.no_grad():
-        ours.gate.weight.copy_(router_std * torch.randn(ours.gate.weight.shape, generator=g))
-        for p in (ours.experts.gate_up_proj, ours.experts.down_proj):
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    ours, _ = random_block(args)
     ours.to(dtype)
 
     hf_cfg = Qwen3OmniMoeTextConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
@@ -147,7 +158,7 @@ def build(args, dtype):
         prop.experts.gate_up_proj = ours.experts.gate_up_proj
         prop.experts.down_proj = ours.experts.down_proj
         assert not any(p.is_meta for p in prop.parameters())
-    return ours, hf, hf_cfg, prop, router_std
+    return ours, hf, hf_cfg, prop, router_std(args)
 
 
 class ImplRecorder:
@@ -360,16 +371,7 @@ def lora_block(args, dtype, device):
     LoRA on the experts (B random, so the delta is not 0) trainable."""
     from lora import LoRAExperts
 
-    H, E, K, I = args.hidden, args.experts, args.topk, args.inter
-    cfg = ThinkerConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K, moe_intermediate_size=I,
-                        norm_topk_prob=True)
-    block = SparseMoE(cfg)
-    g = torch.Generator().manual_seed(args.seed)
-    router_std = args.router_std if args.router_std is not None else H ** -0.5
-    with torch.no_grad():
-        block.gate.weight.copy_(router_std * torch.randn(block.gate.weight.shape, generator=g))
-        for p in (block.experts.gate_up_proj, block.experts.down_proj):
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    block, g = random_block(args)
     block.requires_grad_(False)
     block.experts = LoRAExperts(block.experts, args.lora_rank, 2 * args.lora_rank, 0.0, generator=g)
     with torch.no_grad():

@@ -70,7 +70,6 @@ import copy
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -154,17 +153,11 @@ def ckpt_path(a, cfg):
 
 
 def ensure_checkpoint(a, cfg, log=print):
-    path = ckpt_path(a, cfg)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
+    from bench_gkd import cached_checkpoint
     from tiny import write_random_checkpoint
 
-    t = time.perf_counter()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write_random_checkpoint(cfg, tmp, seed=0, dtype=torch.float32, std=0.02)
-    os.replace(tmp, path)
-    log(f"wrote random checkpoint {path} ({time.perf_counter() - t:.1f} s)")
-    return path
+    return cached_checkpoint(ckpt_path(a, cfg),
+                             lambda tmp: write_random_checkpoint(cfg, tmp, seed=0, dtype=torch.float32, std=0.02), log)
 
 
 def load_ours(a, path):
@@ -440,7 +433,7 @@ def memory_worker(a, variant):
 
 
 def run_memory(a, cfg, batch, results, log):
-    from bench_gkd import strip_flags
+    from bench_gkd import run_worker
 
     log("\n## Peak memory (CPU RSS high-water mark, VmHWM; each variant in a fresh subprocess: imports, load, "
         "reset, one call)")
@@ -449,16 +442,10 @@ def run_memory(a, cfg, batch, results, log):
     for v in MEMORY_VARIANTS:
         if "peer" in v and not wait_for_memory(need, a, log, v):
             continue
-        cmd = [sys.executable, os.path.abspath(__file__), *strip_flags(sys.argv[1:]), "--worker", v]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            log(f"  {v}: worker failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}")
+        r = run_worker(__file__, v, log)
+        if r is None:
             continue
-        rows[v] = json.loads(line[0][len("RESULT "):])
-        rows[v]["wall_s"] = time.perf_counter() - t
-        r = rows[v]
+        rows[v] = r
         log(f"{v:<11} peak during the call {r['hwm_step_gib']:5.2f} GiB (above the loaded process "
             f"{r['step_above_loaded_gib']:5.2f}); loading peak {r['hwm_load_gib']:5.2f}, loaded "
             f"{r['rss_loaded_gib']:5.2f} GiB; {r['seconds']:.1f} s")
