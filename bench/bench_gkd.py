@@ -481,6 +481,15 @@ def memory_worker(a, variant):
             run = lambda: peer_step(a, peft_model, teacher, opt, data, on_policy)  # noqa: E731
     if a.mem_warmup:  # e.g. a torch.compile'd prototype: keep compilation out of the measured step
         run()
+    measure_call(run, out)
+    out["ru_maxrss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # after the reset
+    out["peak_above_imports_gib"] = out["hwm_step_gib"] - rss_imports
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def measure_call(run, out: dict):
+    """The loaded RSS and loading peak, then the high-water mark reset and one run(): its seconds,
+    its peak, the process peak (= ru_maxrss) and the peak above the loaded process, into `out`."""
     out["rss_loaded_gib"] = rss_gib()
     out["hwm_load_gib"] = _status_kib("VmHWM:") / 2**20
     reset_hwm()
@@ -488,11 +497,8 @@ def memory_worker(a, variant):
     run()
     out["seconds"] = time.perf_counter() - t
     out["hwm_step_gib"] = _status_kib("VmHWM:") / 2**20
-    out["peak_raw_gib"] = max(out["hwm_load_gib"], out["hwm_step_gib"])  # process lifetime (= ru_maxrss)
-    out["ru_maxrss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # after the reset
+    out["peak_raw_gib"] = max(out["hwm_load_gib"], out["hwm_step_gib"])
     out["step_above_loaded_gib"] = out["hwm_step_gib"] - out["rss_loaded_gib"]
-    out["peak_above_imports_gib"] = out["hwm_step_gib"] - rss_imports
-    print("RESULT " + json.dumps(out), flush=True)
 
 
 def run_memory(a, cfg, results, log):

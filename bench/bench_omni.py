@@ -386,7 +386,7 @@ def wait_for_memory(need_gib, a, log, what):
 
 
 def memory_worker(a, variant):
-    from bench_gkd import _status_kib, reset_hwm, rss_gib
+    from bench_gkd import measure_call, rss_gib
 
     torch.manual_seed(0)
     rss_imports = rss_gib()
@@ -420,15 +420,7 @@ def memory_worker(a, variant):
                     return peer(input_ids=batch.student_prompt_ids, attention_mask=batch.student_prompt_mask, **kw)
         else:
             run = lambda: peer_step(a, cfg, peer, opt, batch, kw, on_policy)  # noqa: E731
-    out["rss_loaded_gib"] = rss_gib()
-    out["hwm_load_gib"] = _status_kib("VmHWM:") / 2**20
-    reset_hwm()
-    t = time.perf_counter()
-    run()
-    out["seconds"] = time.perf_counter() - t
-    out["hwm_step_gib"] = _status_kib("VmHWM:") / 2**20
-    out["peak_raw_gib"] = max(out["hwm_load_gib"], out["hwm_step_gib"])
-    out["step_above_loaded_gib"] = out["hwm_step_gib"] - out["rss_loaded_gib"]
+    measure_call(run, out)
     print("RESULT " + json.dumps(out), flush=True)
 
 
