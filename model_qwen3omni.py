@@ -1142,15 +1142,45 @@ def copy_into_param(param: nn.Parameter, value: torch.Tensor):
     param.data.copy_(value)
 
 
-def copy_into_zero3_partition(param: nn.Parameter, value: torch.Tensor):
-    """ZeRO-3 destination: copy only this rank's slice of the flattened tensor into its partition,
-    so no rank ever holds more than the tensor being loaded."""
-    part = param.ds_tensor  # this rank's flat shard, padded to the same size on every rank
-    start = part.ds_numel * torch.distributed.get_rank()
-    flat = value.reshape(-1)
-    n = max(0, min(part.ds_numel, flat.numel() - start))
-    if n:
-        part.data[:n].copy_(flat[start:start + n])
+def zero3_slice(param: nn.Parameter) -> slice:
+    """The part of the flattened tensor that this rank's ZeRO-3 partition holds. DeepSpeed's default
+    partitioning: equal flat slices in global rank order, the last one padded (so a slice may be
+    shorter than the partition, or empty)."""
+    start = param.ds_tensor.ds_numel * torch.distributed.get_rank()
+    return slice(start, max(start, min(start + param.ds_tensor.ds_numel, param.ds_numel)))
+
+
+def held_here(param: nn.Parameter) -> torch.Tensor:
+    """What this process holds of a parameter: its ZeRO-3 partition (padding excluded), else the tensor."""
+    if not hasattr(param, "ds_tensor"):
+        return param.data
+    part = zero3_slice(param)
+    return param.ds_tensor.data[:part.stop - part.start]
+
+
+def part_of(param: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
+    """The part of `value` (a whole tensor of `param`'s shape) that belongs in held_here(param): the
+    ZeRO-3 slice of the flattened tensor, so no rank ever holds more than the tensor being loaded."""
+    return value.reshape(-1)[zero3_slice(param)] if hasattr(param, "ds_tensor") else value
+
+
+CHECKSUM_MOD = (1 << 31) - 1  # a prime: every position weight and word is invertible modulo it
+
+
+def checksum(t: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """An exact checksum of a tensor's bits: each 16- or 32-bit word weighted by its position, summed
+    modulo a prime (Fletcher-style, so a changed, moved or missing element shows). Integer sums do not
+    depend on reduction order, so the CPU and any GPU agree on it; memory stays at `chunk` int64s."""
+    words = t.detach().reshape(-1).view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    block, unsigned = 1 << 15, (1 << 8 * t.element_size()) - 1
+    total = 0
+    for first in range(0, words.numel(), chunk):  # chunk is a multiple of block
+        w = words[first:first + chunk].long() & unsigned  # [n] words < 2^32
+        w = F.pad(w, (0, -w.numel() % block)).view(-1, block)  # [blocks, 2^15]
+        within = (w * torch.arange(1, block + 1, device=w.device)).sum(1) % CHECKSUM_MOD  # sums < 2^62
+        index = torch.arange(first // block + 1, first // block + 1 + w.shape[0], device=w.device)
+        total += int((within * index % CHECKSUM_MOD).sum())
+    return total % CHECKSUM_MOD
 
 
 def load_weights(model: Thinker, path: str, assign=copy_into_param):

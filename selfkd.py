@@ -48,8 +48,8 @@ from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, adapter_tensors, export_merged,
                   inject_lora, load_adapter, lora_disabled, lora_parameters, write_adapter)
 import memory_plan
-from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, copy_into_zero3_partition, generate, load_thinker,
-                             load_weights, resolve_dtype, sample_next)
+from model_qwen3omni import (SparseMoE, Thinker, ThinkerConfig, checksum, generate, held_here, load_thinker,
+                             load_weights, part_of, resolve_dtype, sample_next)
 from tiny import DEFAULT_MODEL_DIR, ensure_default_model
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ def _validate(c: Config) -> None:
 
 
 # ZeRO-3 partitionings other than DeepSpeed's default (equal flat slices in global rank order),
-# which copy_into_zero3_partition would fill with the wrong slices: key -> value that turns it off.
+# where build_student would fill the partitions with the wrong slices: key -> value that turns it off.
 UNSUPPORTED_PARTITIONING = {"mics_shard_size": -1, "zero_hpz_partition_size": 1, "zero_quantized_weights": False,
                             "zero_quantized_nontrainable_weights": False}
 
@@ -624,22 +624,32 @@ def build_student(cfg: Config, ds: dict, dtype, device, log, towers: bool = Fals
     """The thinker built partitioned (ZeRO-3) or whole, the checkpoint streamed into it, then
     LoRA added. towers=True (the data has media rows): with its audio and vision towers, frozen
     unless --freeze_vit / --freeze_aligner false; without, the language model alone (a text-only
-    run's memory). Returns (model, LoRA summary)."""
+    run's memory). Returns (model, LoRA summary, checksums): per base parameter, the checksum of
+    what this rank must hold of it (its slice of the checkpoint tensor, in `dtype`) for check_weights."""
     import deepspeed
 
     mcfg = ThinkerConfig.from_pretrained(cfg.model, towers=towers)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        with deepspeed.zero.Init(config_dict_or_path=ds, dtype=dtype):
+        # No `dtype=`: DeepSpeed 0.19 reads it as `(dtype or fp16) if the accelerator has fp16 else bf16`,
+        # so on a CPU without oneDNN fp16 an asked float32 became bfloat16 (docs/deepspeed-dtype-bug.md).
+        # Without it, zero.Init takes the config's bf16 block (deepspeed_config): bfloat16 if enabled, else float32.
+        with deepspeed.zero.Init(config_dict_or_path=ds):
             model = Thinker(mcfg)
-        load_weights(model, cfg.model, assign=copy_into_zero3_partition)
-        # the experts a rank's tokens reach differ between ranks: gather the MoE block as a unit
-        deepspeed.utils.set_z3_leaf_modules(model, [SparseMoE])
     else:
         with torch.device("meta"):
             model = Thinker(mcfg).to(dtype)
         model.to_empty(device=device)
-        load_weights(model, cfg.model)
+    names, sums = {p: n for n, p in model.named_parameters()}, {}
+
+    def assign(param, value):  # this rank's part of a checkpoint tensor, as asked: cast, copied, summed
+        mine = part_of(param, value).to(device=held_here(param).device, dtype=dtype)
+        held_here(param).copy_(mine)
+        sums[names[param]] = checksum(mine)
+
+    load_weights(model, cfg.model, assign=assign)
+    if stage == 3:  # the experts a rank's tokens reach differ between ranks: gather the MoE block as a unit
+        deepspeed.utils.set_z3_leaf_modules(model, [SparseMoE])
     summary = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                           ",".join(cfg.lora_target_modules), seed=cfg.seed, freeze_vit=cfg.freeze_vit,
                           freeze_aligner=cfg.freeze_aligner)
@@ -652,8 +662,45 @@ def build_student(cfg: Config, ds: dict, dtype, device, log, towers: bool = Fals
     model.gradient_checkpointing = cfg.gradient_checkpointing
     log(f"model: {cfg.model} ({mcfg.num_hidden_layers} layers, {mcfg.num_experts} experts, "
         f"vocab {mcfg.vocab_size}{', audio and vision towers' if towers else ''}), ZeRO stage {stage}, "
-        f"dtype {str(dtype).removeprefix('torch.')}")
-    return model, summary
+        f"dtype {dtype_name(dtype)}")
+    return model, summary, sums
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_weights(engine, sums: dict, dtype) -> str:
+    """What runs, read from the live tensors on every rank after deepspeed.initialize, against what
+    was asked: every base tensor's partition (ZeRO-3) or copy in `dtype` and equal to its checkpoint
+    slice (build_student's checksums), the LoRA weights in `dtype`, the optimizer's master copy in
+    float32. A mismatch on any rank stops every rank with one line naming the tensor; otherwise
+    returns the start line saying what runs."""
+    model, world = engine.module, torch.distributed.get_world_size()
+    zero3 = any(hasattr(p, "ds_tensor") for p in model.parameters())
+    held, asked = ("partition", f"in {world} ZeRO-3 partitions") if zero3 else ("copy", "a whole copy per rank")
+    lora = dict(lora_parameters(model))
+    problems = []
+    for name, p in model.named_parameters():
+        mine = held_here(p)
+        if mine.dtype != dtype:
+            problems.append(f"{name} is {dtype_name(mine.dtype)}, asked {dtype_name(dtype)}")
+        elif name not in lora and checksum(mine) != sums.get(name):
+            problems.append(f"{name}: this rank's {held} differs from its slice of the checkpoint (checksum)")
+    zero = engine.optimizer  # ZeRO-3's flat fp32 partitions, ZeRO-1/2's; without ZeRO the LoRA weights themselves
+    masters = (getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups",
+                                                                              None) or list(lora.values()))
+    problems += [f"the optimizer's master copy is {dtype_name(m.dtype)}, expected float32"
+                 for m in masters[:1] if m.dtype != torch.float32]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, problems)
+    found = [f"rank {r}: {p}" for r, mine in enumerate(everyone) for p in mine]
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise TrainingAborted(f"the model as built is not what was asked: {found[0]}{more}")
+    master = dtype_name(masters[0].dtype) if masters else "none"
+    return (f"runs: base {dtype_name(dtype)} {asked}, {len(sums)} tensors equal to the checkpoint on every rank; "
+            f"LoRA {dtype_name(dtype)}; optimizer master {master}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1448,7 +1495,7 @@ def train(cfg: Config) -> str:
     for line in memory_plan.start_lines(cfg, ds, world, has_media, device,  # the plan's peak; a warning if too big
                                         persistent_numel=ZERO3_PERSISTENT_NUMEL):
         log(line)
-    model, summary = build_student(cfg, ds, dtype, device, log, towers=has_media)
+    model, summary, sums = build_student(cfg, ds, dtype, device, log, towers=has_media)
     log("Using shared base model architecture:\n"
         "  Student model: base_model + LoRA (trainable)\n"
         "  Teacher model: base_model with LoRA disabled (frozen)\n"
@@ -1457,6 +1504,7 @@ def train(cfg: Config) -> str:
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    log(check_weights(engine, sums, dtype))  # what runs, from the live tensors, before any step
 
     start = load_checkpoint(engine, resume_path, log)["step"] if resume_path else 0
     warning = fixed_point_warning(plan.data_stats["teacher_differs"], cfg.sft_alpha, resuming=resume_path is not None)

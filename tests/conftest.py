@@ -1,6 +1,17 @@
+import importlib.util
 import os
 
 import pytest
+
+# Every process of the suite (this one and all it starts, through PYTHONPATH) gets DeepSpeed's CPU
+# accelerator answering "no fp16", the answer that once made ZeRO-3 build bfloat16 partitions for a
+# float32 run (tests/machine/sitecustomize.py), whatever this CPU answers. SELFKD_TEST_CPU_FP16=1
+# runs the suite with the other answer; tests that need one answer set it themselves.
+MACHINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "machine")
+os.environ.setdefault("SELFKD_TEST_CPU_FP16", "0")
+os.environ["PYTHONPATH"] = os.pathsep.join([MACHINE, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+_spec = importlib.util.spec_from_file_location("selfkd_test_machine", os.path.join(MACHINE, "sitecustomize.py"))
+_spec.loader.exec_module(importlib.util.module_from_spec(_spec))
 
 
 @pytest.fixture(scope="session")

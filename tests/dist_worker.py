@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import SAMPLE_DATASET, encode_examples, load_dataset_specs, load_tokenizer  # noqa: E402
 from lora import lora_parameters  # noqa: E402
-from selfkd import (Config, build_student, deepspeed_config, init_distributed, load_checkpoint,  # noqa: E402
-                    micro_batches, sample_completions, save_checkpoint, to_device, train_step)
+from selfkd import (Config, build_student, check_weights, deepspeed_config, init_distributed,  # noqa: E402
+                    load_checkpoint, micro_batches, sample_completions, save_checkpoint, to_device, train_step)
 
 SEED, LR, EPS, BETA, TEMPERATURE = 3, 1e-2, 1e-3, 0.5, 2.0
 # name -> (--deepspeed, per-device batch, gradient accumulation, branches of steps 0, 1, ...)
@@ -81,7 +81,7 @@ def build(model_dir: str, preset: str, batch: int, accumulation: int, towers: bo
                  learning_rate=LR, adam_epsilon=EPS, seed=SEED)
     ds = deepspeed_config(cfg, torch.float32)
     device = init_distributed(cfg)
-    model, _ = build_student(cfg, ds, torch.float32, device, log=lambda msg: None, towers=towers)
+    model, _, sums = build_student(cfg, ds, torch.float32, device, log=lambda msg: None, towers=towers)
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for name, p in lora_parameters(model):  # B = 0 would leave A without a gradient at first
@@ -91,6 +91,7 @@ def build(model_dir: str, preset: str, batch: int, accumulation: int, towers: bo
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   weight_decay=cfg.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    check_weights(engine, sums, torch.float32)  # float32 partitions equal to the checkpoint, or stop here
     return GradRecorder(engine), device
 
 

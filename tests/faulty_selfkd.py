@@ -7,6 +7,8 @@
     nan_loss=2,3          the training loss of these steps (1-based) is NaN
     peer_lost_after_save=N  the N-th checkpoint is written, then the collective that confirms it
                           fails as when another rank has died
+    zero_init_dtype       DeepSpeed's zero.Init is given dtype=torch.float32, as selfkd once called it: where
+                          the accelerator has no fp16, DeepSpeed 0.19 builds bfloat16 partitions instead
 """
 import errno
 import os
@@ -59,6 +61,14 @@ elif fault == "peer_lost_after_save":
         return real_broadcast(error)
 
     selfkd._broadcast_error = _broadcast_error
+elif fault == "zero_init_dtype":
+    import deepspeed
+
+    class Init(deepspeed.zero.Init):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **dict(kwargs, dtype=torch.float32))
+
+    deepspeed.zero.Init = Init
 elif fault:
     sys.exit(f"unknown SELFKD_FAULT {fault!r}")
 

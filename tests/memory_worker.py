@@ -33,7 +33,7 @@ import loss  # noqa: E402
 from data import Batch  # noqa: E402
 from lora import lora_parameters  # noqa: E402
 import selfkd  # noqa: E402
-from selfkd import Config, build_student, deepspeed_config, init_distributed, train_step  # noqa: E402
+from selfkd import Config, build_student, check_weights, deepspeed_config, init_distributed, train_step  # noqa: E402
 
 PERSISTENT = selfkd.ZERO3_PERSISTENT_NUMEL
 
@@ -120,9 +120,10 @@ def measure(model_dir: str, deepspeed: str) -> dict:
     cfg = config(model_dir, deepspeed)
     dtype = torch.float32
     ds = deepspeed_config(cfg, dtype, world_size=torch.distributed.get_world_size())
-    model, _ = build_student(cfg, ds, dtype, torch.device("cpu"), log=lambda msg: None)
+    model, _, sums = build_student(cfg, ds, dtype, torch.device("cpu"), log=lambda msg: None)
     optimizer = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=1e-3)
     engine, _, _, _ = ds_lib.initialize(model=model, optimizer=optimizer, config=ds)
+    check_weights(engine, sums, dtype)
     engine.train()
     params = [p for p in model.parameters() if hasattr(p, "ds_status") and not p.ds_persist]
     gathered = [0]

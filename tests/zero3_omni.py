@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora import lora_parameters  # noqa: E402
-from selfkd import Config, build_student, deepspeed_config, init_distributed  # noqa: E402
+from selfkd import Config, build_student, check_weights, deepspeed_config, init_distributed  # noqa: E402
 
 
 VOCAB_STRIDE = 37  # what is saved of the 152064 logits per token
@@ -32,10 +32,11 @@ def main(model_dir: str, rounds_file: str, out_dir: str):
     device = init_distributed(cfg)
     rank = torch.distributed.get_rank()
     ds = deepspeed_config(cfg, torch.float32)
-    model, summary = build_student(cfg, ds, torch.float32, device, log=lambda msg: None, towers=True)
+    model, summary, sums = build_student(cfg, ds, torch.float32, device, log=lambda msg: None, towers=True)
     assert summary.targets[-2:] == ("vit", "aligner"), summary
     optimizer = torch.optim.AdamW([p for _, p in lora_parameters(model)], lr=cfg.learning_rate)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    check_weights(engine, sums, torch.float32)
     audio_B = [p for n, p in lora_parameters(model) if n.startswith("audio_tower.") and n.endswith(".B")]
     results = []
     for kind, per_rank in torch.load(rounds_file, weights_only=False):
