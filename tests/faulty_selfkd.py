@@ -18,11 +18,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import selfkd  # noqa: E402
 
 fault, _, arg = os.environ.get("SELFKD_FAULT", "").partition("=")
 if fault in ("kill_during_save", "enospc_during_save", "safetensors_error_during_save"):
-    real_write, saves = selfkd.write_adapter, [0]
+    real_write, saves = checkpoints.write_adapter, [0]
 
     def write_adapter(model, tensors, path):  # rank 0 only
         saves[0] += 1
@@ -35,7 +36,7 @@ if fault in ("kill_during_save", "enospc_during_save", "safetensors_error_during
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    selfkd.write_adapter = write_adapter
+    checkpoints.write_adapter = write_adapter
 elif fault == "nan_loss":
     bad_steps, real_branch, real_loss, current = {int(s) for s in arg.split(",")}, selfkd.is_on_policy, \
         selfkd.gkd_loss_sums, [0]
@@ -52,7 +53,7 @@ elif fault == "nan_loss":
 
     selfkd.is_on_policy, selfkd.gkd_loss_sums = is_on_policy, gkd_loss_sums
 elif fault == "peer_lost_after_save":
-    real_broadcast, saves = selfkd._broadcast_error, [0]
+    real_broadcast, saves = checkpoints._broadcast_error, [0]
 
     def _broadcast_error(error):  # rank 0 has written the checkpoint; the other ranks confirm here
         saves[0] += 1
@@ -60,7 +61,7 @@ elif fault == "peer_lost_after_save":
             raise RuntimeError("[gloo] Connection closed by peer")
         return real_broadcast(error)
 
-    selfkd._broadcast_error = _broadcast_error
+    checkpoints._broadcast_error = _broadcast_error
 elif fault == "zero_init_dtype":
     import deepspeed
 

@@ -13,6 +13,9 @@ import time
 import pytest
 import torch
 
+from commands import attach_adapter
+from flags import parse_args
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample_alpaca.jsonl")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", NPROC="2")
@@ -249,7 +252,7 @@ def test_curve_on_demand_for_any_output_dir(trained, tmp_path):
 def test_report_to_tensorboard(text_model_dir, tmp_path):
     import selfkd as sk
 
-    cfg = sk.parse_args(["--model", text_model_dir, "--dataset", f"{SAMPLE}#16", "--split_dataset_ratio", "0",
+    cfg = parse_args(["--model", text_model_dir, "--dataset", f"{SAMPLE}#16", "--split_dataset_ratio", "0",
                          "--max_length", "128", "--max_completion_length", "8", "--report_to", "tensorboard",
                          "--output_dir", str(tmp_path)])
     try:
@@ -319,7 +322,7 @@ def test_export_writes_the_dtype_it_records(trained, tmp_path):
         with safe_open(str(tmp_path / dtype / shard), framework="pt") as f:
             assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
     student = load_thinker(json.load(open(os.path.join(out, "args.json")))["model"], dtype=torch.float32)
-    sk.attach_adapter(student, adapter)
+    attach_adapter(student, adapter)
     merged = load_thinker(str(tmp_path / "float32"), dtype=torch.float32)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -385,7 +388,7 @@ def test_run_sh_takes_the_users_epochs_or_steps(text_model_dir, tmp_path):
 def plan(model_dir, tmp_path, *flags):
     import selfkd as sk
 
-    cfg = sk.parse_args(["--model", model_dir, "--dataset", SAMPLE, "--teacher_sees_reference", "true",
+    cfg = parse_args(["--model", model_dir, "--dataset", SAMPLE, "--teacher_sees_reference", "true",
                          "--output_dir", str(tmp_path / "out"), *flags])
     return cfg, sk.plan_run(cfg, world=2)
 
@@ -412,7 +415,7 @@ def test_many_dropped_rows_are_counted_as_skipped_and_warned_about(text_model_di
     path.write_text("".join(json.dumps(r) + "\n" for r in short + long_prompt + long_answer))
     common = ["--model", text_model_dir, "--dataset", str(path), "--split_dataset_ratio", "0",
               "--output_dir", str(tmp_path / "out")]
-    cfg = sk.parse_args(common + ["--max_length", "64", "--max_completion_length", "16"])
+    cfg = parse_args(common + ["--max_length", "64", "--max_completion_length", "16"])
     lines = sk.data_report(cfg, sk.plan_run(cfg, world=1))
     assert "skipped: 3 (prompt does not fit --max_length 3); truncated: completion 1;" in lines[0], lines[0]
     assert "{" not in lines[0] and "Counter" not in lines[0]  # counts in words
@@ -421,6 +424,6 @@ def test_many_dropped_rows_are_counted_as_skipped_and_warned_about(text_model_di
                         r"turn \(\d+ tokens\)\); --max_length \2 keeps every row", lines[1]), lines[1]
     assert lines[2] == ("WARNING: 1 of 7 rows (14%) had their completions cut to --max_completion_length 16 (a cut "
                         "completion has no end of turn); raise it to keep whole answers")
-    cfg = sk.parse_args(common + ["--max_length", "1024", "--max_completion_length", "512"])
+    cfg = parse_args(common + ["--max_length", "1024", "--max_completion_length", "512"])
     lines = sk.data_report(cfg, sk.plan_run(cfg, world=1))
     assert "skipped: none; truncated: none;" in lines[0] and lines[1:] == []  # nothing lost: no warning

@@ -5,7 +5,8 @@ import shlex
 
 import pytest
 
-from selfkd import Config, ConfigError, fixed_point_warning, parse_args
+from flags import Config, ConfigError, parse_args
+from plan import fixed_point_warning
 
 MS_SWIFT_COMMAND = """
 --rlhf_type gkd --model MODEL --teacher_model MODEL --train_type lora --torch_dtype bfloat16
@@ -177,13 +178,13 @@ def test_optimizer_state_is_kept_only_on_rank_0(monkeypatch):
     import deepspeed.utils
     import torch
 
-    import selfkd
+    import checkpoints
 
     param = torch.nn.Parameter(torch.ones(3))
     engine = types.SimpleNamespace(module=None)
-    monkeypatch.setattr(selfkd, "lora_parameters", lambda module: [("layer.lora_A", param)])
+    monkeypatch.setattr(checkpoints, "lora_parameters", lambda module: [("layer.lora_A", param)])
     monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param", lambda p: p.detach() * 2)
     monkeypatch.setattr(deepspeed.utils, "safe_get_full_optimizer_state", lambda p, key: p.detach() * 3)
     for rank, expected in ((1, set()), (0, {"layer.lora_A.fp32", "layer.lora_A.exp_avg", "layer.lora_A.exp_avg_sq"})):
         monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
-        assert set(selfkd.optimizer_tensors(engine)) == expected
+        assert set(checkpoints.optimizer_tensors(engine)) == expected

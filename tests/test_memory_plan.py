@@ -22,7 +22,8 @@ import torch
 import memory_plan
 from lora import inject_lora
 from model_qwen3omni import Thinker, ThinkerConfig, positions_and_mask, released_config, rope_cos_sin
-from selfkd import ZERO3_PERSISTENT_NUMEL, Config, ConfigError, deepspeed_config, gkd_loss_sums, parse_args
+from flags import parse_args
+from selfkd import ZERO3_PERSISTENT_NUMEL, Config, ConfigError, deepspeed_config, gkd_loss_sums
 from towers import AudioConfig, VisionConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -31,7 +31,7 @@ def cli(args, fault=None, script="selfkd.py", timeout=300):
 def in_process(args, capsys, monkeypatch):
     """selfkd.main(args) here, as the CLI: (exit code, stdout, stderr). Reaching the model setup
     fails the test: every refusal below must come before deepspeed, ranks or weights."""
-    monkeypatch.setattr(selfkd.signal, "signal", lambda *a: None)  # keep pytest's handlers
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's handlers
     monkeypatch.setattr(selfkd._Signals, "quiet", False)
     for setup in ("init_distributed", "build_student"):
         monkeypatch.setattr(selfkd, setup, lambda *a, **k: pytest.fail("reached the training setup"))
