@@ -29,7 +29,8 @@ from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAb
                    _Parser, _unknown_flags_message, _validate, fail, parse_args, parse_bool)
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, export_merged, inject_lora, load_adapter,
                   lora_disabled)
-from model_qwen3omni import Thinker, load_thinker, resolve_dtype
+from model_qwen3omni import Thinker, resolve_dtype
+from weights import load_thinker
 from plan import data_report, plan_run
 from runlog import ARGS_FILE, LOG, RUN, Stopped, _on_sigint, _on_sigterm, _Signals
 from selfkd import ZERO3_PERSISTENT_NUMEL, deepspeed_config, evaluate, sample_completions, train

@@ -43,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_qwen3omni import MLP, Attention, Experts, Thinker, grouped_mm, other_tensors, save_released
+from model_qwen3omni import Attention, Experts, MLP, Thinker, grouped_mm
+from weights import other_tensors, save_released
 
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = LINEAR_TARGETS + ("experts",)

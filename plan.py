@@ -57,7 +57,7 @@ def check_model_files(path: str) -> None:
     """Every shard the checkpoint lists is there and its header reads (no tensor is loaded)."""
     from safetensors import safe_open
 
-    from model_qwen3omni import _shard_map
+    from weights import _shard_map
 
     for shard in sorted(set(_shard_map(path).values())):
         if not os.path.isfile(shard):

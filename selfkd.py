@@ -38,8 +38,9 @@ from data import Batch, collate, join_prompt_completion
 from flags import DEEPSPEED_PRESETS, Config, ConfigError, TrainingAborted
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import inject_lora, lora_disabled, lora_parameters
-from model_qwen3omni import SparseMoE, Thinker, ThinkerConfig, checksum, generate, held_here, load_weights, part_of, \
-    resolve_dtype, sample_next
+from generate import generate, sample_next
+from model_qwen3omni import SparseMoE, Thinker, ThinkerConfig, resolve_dtype
+from weights import checksum, held_here, load_weights, part_of
 from plan import data_report, fixed_point_warning, plan_run
 from runlog import ARGS_FILE, LOG, LOG_FILE, RUN, MetricsSink, Stopped, _Signals, peak_memory_gib, progress_line, \
     run_summary, write_curve_quietly

@@ -29,7 +29,8 @@ from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
 from data import QWEN_ADDED_TOKENS, REFERENCE_WRAPPER, SAMPLE_DATASET, _qwen_pipeline, load_dataset_specs
-from model_qwen3omni import Thinker, ThinkerConfig, save_released
+from model_qwen3omni import Thinker, ThinkerConfig
+from weights import save_released
 from towers import AudioConfig, VisionConfig
 
 # Bumped whenever what this file writes changes, so that a cached default from an older version is

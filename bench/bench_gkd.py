@@ -194,7 +194,7 @@ def randomize_lora_B_(model, seed=1, std=0.05):
 
 def load_ours(a, path, cfg):
     from lora import inject_lora, lora_parameters
-    from model_qwen3omni import load_thinker
+    from weights import load_thinker
 
     model = load_thinker(path, dtype=torch_dtype(a), device=a.device)
     inject_lora(model, rank=8, alpha=16, dropout=0.0, targets="q_proj,k_proj,v_proj,o_proj,experts", seed=0)
@@ -271,8 +271,8 @@ class Engine:
 
 def selfkd_generate(a, cfg, model, data, generator):
     """selfkd.sample_completions without the Config/tokenizer plumbing: eval mode, generate, sample_next."""
-    from model_qwen3omni import generate
-    from model_qwen3omni import sample_next
+    from generate import generate
+    from generate import sample_next
 
     was = model.training
     model.eval()

@@ -75,6 +75,7 @@ def child(args):
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
     import model_qwen3omni as mq
+    from weights import load_thinker
 
     res = {"after_import": _peaks()}
     t = time.perf_counter()
@@ -85,7 +86,7 @@ def child(args):
                                num_experts=args.experts, moe_intermediate_size=args.inter)
         write_random_checkpoint(cfg, args.path, dtype=torch.bfloat16, max_shard_bytes=args.shard_mb * 2**20)
     elif args.child == "load":
-        model = mq.load_thinker(args.path, dtype=torch.bfloat16)
+        model = load_thinker(args.path, dtype=torch.bfloat16)
         res["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         res["dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
     elif args.child == "hf":

@@ -163,7 +163,7 @@ def ensure_checkpoint(a, cfg, log=print):
 def load_ours(a, path):
     from bench_gkd import randomize_lora_B_
     from lora import inject_lora, lora_parameters
-    from model_qwen3omni import load_thinker
+    from weights import load_thinker
 
     model = load_thinker(path, dtype=torch.float32, towers=True)
     inject_lora(model, rank=8, alpha=16, dropout=0.0, targets="q_proj,k_proj,v_proj,o_proj,experts", seed=0)

@@ -307,8 +307,7 @@ def test_export_writes_the_dtype_it_records(trained, tmp_path):
     --torch_dtype bfloat16 writes bf16 tensors and says bfloat16 in config.json."""
     from safetensors import safe_open
 
-    import selfkd as sk
-    from model_qwen3omni import load_thinker
+    from weights import load_thinker
 
     out, _ = trained
     adapter = os.path.join(out, "checkpoint-8")
@@ -342,7 +341,7 @@ def test_export_of_the_released_layout_loads_in_transformers_with_the_written_dt
     import selfkd as sk
     from hf_models import hf_full_model, left_padded_batch, tiny_config
     from lora import inject_lora, lora_parameters, save_adapter
-    from model_qwen3omni import load_thinker
+    from weights import load_thinker
 
     cfg = tiny_config(num_hidden_layers=2)
     base = str(tmp_path / "base")

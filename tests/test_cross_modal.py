@@ -16,7 +16,7 @@ import torch
 
 from data import collate, encode_examples, load_dataset_specs, load_tokenizer
 from lora import inject_lora, lora_disabled, lora_parameters
-from model_qwen3omni import load_thinker
+from weights import load_thinker
 from selfkd import gkd_loss_sums, sample_completions, tower_outputs, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

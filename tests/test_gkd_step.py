@@ -16,7 +16,7 @@ import torch
 from data import Batch
 from hf_models import hf_full_model, left_padded_batch, tiny_config
 from lora import _peft_entries, inject_lora, lora_parameters, save_adapter
-from model_qwen3omni import load_thinker
+from weights import load_thinker
 from selfkd import gkd_loss_sums
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -7,7 +7,8 @@ import torch
 from hf_models import hf_full_model, left_padded_batch, tiny_config
 from lora import (LoRAExperts, LoRALinear, export_merged, inject_lora, load_adapter, lora_disabled, lora_parameters,
                   merge_lora, save_adapter, unmerge_lora)
-from model_qwen3omni import Thinker, ThinkerConfig, load_thinker
+from model_qwen3omni import Thinker, ThinkerConfig
+from weights import load_thinker
 
 # hidden 64 and 2 * moe_intermediate 48 differ, so a transposed expert layout cannot pass by accident
 CFG = tiny_config(num_hidden_layers=2, moe_intermediate_size=24)

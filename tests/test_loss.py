@@ -17,7 +17,7 @@ from trl.experimental.gkd import GKDTrainer  # noqa: E402
 
 import loss  # noqa: E402
 from loss import chunked_jsd_loss_sum, generalized_jsd, jsd_loss_sum, sft_loss_sum  # noqa: E402
-from model_qwen3omni import filter_logits, sample_next  # noqa: E402
+from generate import filter_logits, sample_next  # noqa: E402
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 TEMPERATURES = [0.5, 1.0, 2.0]

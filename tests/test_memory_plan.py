@@ -21,7 +21,8 @@ import torch
 
 import memory_plan
 from lora import inject_lora
-from model_qwen3omni import Thinker, ThinkerConfig, positions_and_mask, released_config, rope_cos_sin
+from model_qwen3omni import Thinker, ThinkerConfig, positions_and_mask, rope_cos_sin
+from weights import released_config
 from flags import parse_args
 from selfkd import ZERO3_PERSISTENT_NUMEL, Config, ConfigError, deepspeed_config, gkd_loss_sums
 from towers import AudioConfig, VisionConfig

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models import hf_full_model, left_padded_batch, tiny_config
-from model_qwen3omni import KVCache, LMHead, Thinker, ThinkerConfig, generate, load_thinker, released_tensors
+from generate import generate
+from model_qwen3omni import KVCache, LMHead, Thinker, ThinkerConfig
+from weights import load_thinker, released_tensors
 from tiny import write_random_checkpoint
 
 CONFIGS = {

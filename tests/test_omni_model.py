@@ -17,8 +17,9 @@ import torch
 from hf_models import unit_scale_
 from lora import inject_lora, lora_disabled, lora_parameters, save_adapter
 from test_lora import randomize_B_
-from model_qwen3omni import (MediaEmbeds, MediaInputs, Thinker, ThinkerConfig, generate, load_thinker,
-                             mrope_cos_sin, rope_cos_sin, rope_index)
+from generate import generate
+from model_qwen3omni import MediaEmbeds, MediaInputs, Thinker, ThinkerConfig, mrope_cos_sin, rope_cos_sin, rope_index
+from weights import load_thinker
 from tiny import init_random_
 from zero3_omni import VOCAB_STRIDE
 
@@ -639,7 +640,7 @@ def test_merged_export_with_tower_lora_loads_in_transformers(omni_saved, tmp_pat
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     from lora import export_merged
-    from model_qwen3omni import _shard_map
+    from weights import _shard_map
 
     _, path = omni_saved
     model = load_thinker(path, dtype=torch.float32, towers=True)

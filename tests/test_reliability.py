@@ -197,7 +197,7 @@ def test_an_optimizer_file_for_other_parameter_names_is_refused_naming_it(text_m
     from safetensors.torch import save_file
 
     from lora import inject_lora, lora_parameters, save_adapter
-    from model_qwen3omni import load_thinker
+    from weights import load_thinker
 
     model = load_thinker(text_model_dir, dtype=torch.float32)
     inject_lora(model, rank=4, alpha=8)

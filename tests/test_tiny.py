@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from data import SAMPLE_DATASET, encode_examples, load_dataset_specs, load_tokenizer, render_chat
-from model_qwen3omni import MediaInputs, load_thinker
+from model_qwen3omni import MediaInputs
+from weights import load_thinker
 from tiny import QWEN_TOKEN_IDS, write_tiny_tokenizer
 from towers import audio_token_count
 

@@ -10,7 +10,7 @@ import torch
 
 from data import SAMPLE_DATASET, collate, encode_examples, load_dataset_specs, load_tokenizer
 from lora import inject_lora, lora_parameters
-from model_qwen3omni import load_thinker
+from weights import load_thinker
 from selfkd import Config, gkd_loss_sums, is_on_policy, lr_at, sample_completions, step_branch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

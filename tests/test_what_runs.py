@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import selfkd
-from model_qwen3omni import CHECKSUM_MOD, checksum, held_here, load_thinker, zero3_slice
+from weights import CHECKSUM_MOD, checksum, held_here, load_thinker, zero3_slice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
