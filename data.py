@@ -71,7 +71,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -298,6 +298,7 @@ class Media:
     second_per_grid: float | None = None
     features: torch.Tensor | None = None
     seconds: float = 0.0  # playing time of a clip or video, for logs
+    samples: int = 0  # length of the sound (a clip, or a video's track) at 16 kHz
 
     @property
     def n_vision_tokens(self) -> int:
@@ -749,7 +750,8 @@ def load_media(kind: str, source, use_audio_in_video: bool = False) -> Media:
         return Media("image", source, pixels=pixels, grid_thw=grid)
     if kind == "audio":
         wave = media.load_audio(source)
-        return Media("audio", source, features=media.log_mel(wave), seconds=len(wave) / media.SAMPLING_RATE)
+        return Media("audio", source, features=media.log_mel(wave), seconds=len(wave) / media.SAMPLING_RATE,
+                     samples=len(wave))
     video = media.load_video(source)
     name = source if isinstance(source, str) else f"{source[0]} (+{len(source) - 1} frames)"
     pixels, grid, second_per_grid = media.video_patches(video.frames, video.fps, name=name)
@@ -762,7 +764,7 @@ def load_media(kind: str, source, use_audio_in_video: bool = False) -> Media:
             raise media.MediaError(source, "use_audio_in_video is set, but the video has no audio stream")
         features = media.log_mel(wave)
     return Media("video", name, pixels=pixels, grid_thw=grid, second_per_grid=second_per_grid, features=features,
-                 seconds=len(video.frames) / video.fps)
+                 seconds=len(video.frames) / video.fps, samples=0 if features is None else len(wave))
 
 
 def _attach_media(ex: Example, cache: dict) -> None:
@@ -780,6 +782,25 @@ def _attach_media(ex: Example, cache: dict) -> None:
                 except ImportError as error:  # a missing package is no bad row: never skipped
                     raise DataError(f"{ex.source}: {error}", "missing_package") from None
             ex.media[key] = cache[key, with_sound]
+    try:
+        _pad_row_clips(ex)
+    except media.MediaError as error:
+        raise DataError(f"{ex.source}: {error}", "bad_media") from None
+
+
+def _pad_row_clips(ex: Example) -> None:
+    """A row whose sounds (clips, and video tracks with use_audio_in_video) differ in length gets
+    the features one processor call gives them, as ms-swift hands all of a row's sounds to the
+    processor at once: padded to the row's longest (media.log_mel_row), so a shorter clip may get
+    one more frame and token than alone. The row gets its own copies of those items; the shared,
+    cached ones keep the features of each clip alone."""
+    sounds = [(key, item) for key, item in ex.media.items() if item.features is not None]
+    if len({item.samples for _, item in sounds}) < 2:
+        return
+    waves = [media.load_audio(item.path) if item.kind == "audio" else media.load_audio_from_video(item.path)
+             for _, item in sounds]
+    for (key, item), features in zip(sounds, media.log_mel_row(waves)):
+        ex.media[key] = replace(item, features=features)
 
 
 def _read_media(examples: list[Example], indices: set[int], cache: dict, stats: dict | None) -> set[int]:

@@ -36,9 +36,11 @@ Rules this module chooses (where the released pipelines differ or say nothing):
 * One preprocessing pass, the HF processor's: an image or video is resized once, with the
   factor-32 smart_resize. ms-swift and qwen-omni-utils first resize with their own factor-28
   smart_resize and the processor then resizes again; we do not reproduce that double resize.
-* Audio features are computed for ONE clip alone (as ms-swift does, one processor call per
-  sample). In a batch the HF extractor pads clips to the longest, which can add a frame to a
-  short clip (the extractor's padding enters the last STFT frame); we never do that.
+* Audio features are those of one processor call per row, as ms-swift calls it (all of a
+  sample's sounds at once, video tracks included): the extractor pads the row's clips to the
+  longest, which gives a shorter clip ceil(L/160) frames instead of floor (sometimes one more
+  <|audio_pad|>) and a last frame over zeros (log_mel_row; data.py applies it per row). A clip
+  alone in its row gets exactly log_mel.
 * Video frames are sampled as qwen-omni-utils does (2 fps, 4..768 frames, an even count,
   linspace(...).round() indices); the HF video processor itself samples nothing.
 * Loading audio equals librosa.load(path, sr=16000) (what qwen-omni-utils and ms-swift call) for
@@ -261,19 +263,35 @@ def log_mel(wave) -> torch.Tensor:
     The floor keeps 80 dB below the clip's loudest bin. A batch axis of 1 is kept throughout, as
     the extractor does, so the matmul runs the same kernel and the result is bit-identical.
     """
-    x = torch.as_tensor(np.asarray(wave), dtype=torch.float32)
-    if x.ndim != 1:
-        raise ValueError(f"log_mel takes one mono clip [L], got shape {tuple(x.shape)}")
-    if len(x) < MIN_AUDIO_SAMPLES:
-        raise MediaError("<audio>", f"audio has {len(x)} samples; at least {MIN_AUDIO_SAMPLES} are needed")
-    x = x[None]  # [1, L]
+    return log_mel_row([wave])[0]
+
+
+def log_mel_row(waves: list) -> list[torch.Tensor]:
+    """The log-mel features of a row's clips as the processor computes them in ONE call, which is
+    how ms-swift feeds a row with several clips: every clip is right-padded with zeros to the
+    longest, the features are those of the padded batch (the floor is per padded row), and clip i
+    keeps the frames its sample mask covers, min(ceil(L_i / 160), L_max // 160). So a shorter clip
+    gets ceil rather than floor frames (one more <|audio_pad|> for a 5,170-sample clip beside a
+    19,757-sample one), and its last frame sees zeros where alone it would see reflect padding.
+    One clip: [128, L // 160], as log_mel. Returns float32 [128, frames_i] per clip."""
+    waves = [torch.as_tensor(np.asarray(w), dtype=torch.float32) for w in waves]
+    for wave in waves:
+        if wave.ndim != 1:
+            raise ValueError(f"log_mel takes mono clips [L], got shape {tuple(wave.shape)}")
+        if len(wave) < MIN_AUDIO_SAMPLES:
+            raise MediaError("<audio>", f"audio has {len(wave)} samples; at least {MIN_AUDIO_SAMPLES} are needed")
+    lengths = [len(w) for w in waves]
+    x = torch.zeros(len(waves), max(lengths), dtype=torch.float32)  # [N, L_max], zero-padded on the right
+    for row, wave in zip(x, waves):
+        row[:len(wave)] = wave
     stft = torch.stft(x, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # [1, 201, L // 160]
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # [N, 201, L_max // 160]
     filters = torch.from_numpy(mel_filter_bank()).to(torch.float32)  # [201, 128]
-    mel = filters.T @ power  # [1, 128, L // 160]
+    mel = filters.T @ power  # [N, 128, L_max // 160]
     lg = torch.clamp(mel, min=1e-10).log10()
     lg = torch.maximum(lg, lg.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0] - 8.0)
-    return ((lg + 4.0) / 4.0)[0]  # [128, L // 160]
+    feats = (lg + 4.0) / 4.0
+    return [feats[i, :, :min(-(-n // HOP_LENGTH), max(lengths) // HOP_LENGTH)] for i, n in enumerate(lengths)]
 
 
 def audio_frame_count(n_samples: int) -> int:

@@ -83,6 +83,14 @@ def compute(req: dict) -> dict:
     for wave in req.get("audio", []):
         r = fe(wave, return_tensors="pt", **Qwen3OmniMoeProcessor.audio_kwargs)
         out["audio"].append((r["input_features"][0], int(r["attention_mask"].sum())))
+    # a row's clips in one call, as ms-swift calls the processor: each clip's valid features, frames and tokens
+    out["audio_rows"] = []
+    for row in req.get("audio_rows", []):
+        r = fe(row, return_tensors="pt", **Qwen3OmniMoeProcessor.audio_kwargs)
+        frames = r["attention_mask"].sum(-1)
+        tokens = _get_feat_extract_output_lengths(frames, 50)
+        out["audio_rows"].append([(r["input_features"][i, :, :int(n)], int(n), int(t))
+                                  for i, (n, t) in enumerate(zip(frames, tokens))])
     out["audio_tokens"] = _get_feat_extract_output_lengths(np.asarray(req.get("audio_token_frames", [])), 50)
 
     def image(x):

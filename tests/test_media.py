@@ -30,6 +30,10 @@ AUDIO = {  # name -> mono float32 16 kHz
     "16001 samples": (0.1 * _rng.standard_normal(16001)).astype(np.float32),
     "40 s": (0.05 * _rng.standard_normal(640000)).astype(np.float32),
 }
+# rows of several clips, handed to the processor in one call: a 5,170-sample clip beside a 19,757-sample one
+# (ceil vs floor: one more token), a clip with L % 160 < 40 (its last frame over zeros), three clips
+AUDIO_ROWS = [[(0.1 * _rng.standard_normal(n)).astype(np.float32) for n in lengths]
+              for lengths in ((5170, 19757), (8020, 24000), (16001, 3300, 12345))]
 _gen = torch.Generator().manual_seed(0)
 IMAGE_SIZES = [(64, 96), (40, 40), (448, 448), (333, 517), (1, 150), (17, 3), (3000, 4500)]  # (H, W)
 IMAGES = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=_gen) for h, w in IMAGE_SIZES]
@@ -61,7 +65,7 @@ def hf(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf")
     _write_exif_jpeg(tmp / EXIF_JPEG)
     files = [str(tmp / EXIF_JPEG)] + [os.path.join(DATA, "omni", n) for n in ("smiley.png", "hello_sign.png")]
-    out = reference({"audio": list(AUDIO.values()), "audio_token_frames": list(range(3001)), "images": IMAGES,
+    out = reference({"audio": list(AUDIO.values()), "audio_rows": AUDIO_ROWS, "audio_token_frames": list(range(3001)), "images": IMAGES,
                      "image_files": files, "videos": VIDEOS, "interleave": INTERLEAVE}, str(tmp))
     out["files"] = files
     return out
@@ -82,6 +86,27 @@ def test_log_mel_matches_whisper_feature_extractor(hf):
         assert frames == media.audio_frame_count(len(wave)), name
         diff = (ours - ref).abs().max().item()
         assert diff <= 1e-4, (name, diff)  # measured: 0.0 (bit-identical)
+
+
+def test_a_rows_clips_get_what_one_processor_call_gives_them(hf):
+    """ms-swift hands all of a row's clips to the processor at once: padded to the longest, a
+    shorter clip gets ceil(L/160) frames (5,170 samples: 33 frames and 5 tokens, alone 32 and 4)
+    and a last frame computed over zeros. media.log_mel_row gives the processor's features, frame
+    and token counts; alone, a clip's features differ."""
+    for row, ref in zip(AUDIO_ROWS, hf["audio_rows"]):
+        ours = media.log_mel_row(row)
+        for i, (features, (want, frames, tokens)) in enumerate(zip(ours, ref)):
+            assert features.shape == want.shape == (128, frames), (len(row[i]), features.shape, want.shape)
+            assert media.audio_token_count(frames) == tokens
+            diff = (features - want).abs().max().item()
+            assert diff <= 1e-4, (len(row[i]), diff)  # measured: 0.0
+    (short, long), ((_, frames, tokens), _) = media.log_mel_row(AUDIO_ROWS[0]), hf["audio_rows"][0]
+    assert (frames, tokens) == (33, 5) and media.log_mel(AUDIO_ROWS[0][0]).shape[1] == 32
+    assert torch.equal(long, media.log_mel(AUDIO_ROWS[0][1]))  # the longest clip: as alone
+    alone, in_row = media.log_mel(AUDIO_ROWS[1][0]), media.log_mel_row(AUDIO_ROWS[1])[0]  # 8020 samples
+    assert (alone.shape[1], in_row.shape[1]) == (50, 51)
+    assert torch.equal(in_row[:, :49], alone[:, :49])  # windows inside the clip: the same
+    assert not torch.equal(in_row[:, 49], alone[:, 49])  # its window reaches past the end: zeros, not reflection
 
 
 def test_audio_token_count_matches_processor(hf):

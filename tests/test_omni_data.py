@@ -473,3 +473,27 @@ def test_only_the_drawn_rows_media_are_read(tmp_path):
             assert "nope.png: file not found" in str(e)
             outcomes.add("error")
     assert outcomes == {f"{path}:1", "error"}
+
+
+def test_a_row_with_two_clips_gets_the_processors_token_counts(tmp_path, tok):
+    """Two clips in one row are padded to the longer one, as one processor call does (ms-swift
+    calls it per row): the 5,170-sample clip gets 33 frames and 5 <|audio_pad|> tokens, where alone
+    (in another row) the same file gets 32 and 4. Features: media.log_mel_row's (test_media holds
+    it to the processor)."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    waves = {"short.wav": 0.1 * rng.standard_normal(5170), "long.wav": 0.1 * rng.standard_normal(19757)}
+    for name, wave in waves.items():
+        sf.write(tmp_path / name, wave.astype(np.float32), 16000, subtype="FLOAT")
+    path = write_jsonl(tmp_path / "rows.jsonl", [user("<audio><audio>q", audios=["short.wav", "long.wav"]),
+                                                  user("<audio>q", audios=["short.wav"])])
+    (both, alone), _, _ = load(path)
+    want = media.log_mel_row([media.load_audio(str(tmp_path / n)) for n in waves])
+    assert [item.features.shape[1] for item in both.media.values()] == [33, 123]
+    assert all(torch.equal(item.features, w) for item, w in zip(both.media.values(), want))
+    assert [item.n_audio_tokens for item in both.media.values()] == [5, 16]
+    assert [item.n_audio_tokens for item in alone.media.values()] == [4]
+    encoded, _ = encode_examples(tok, [both], max_length=256, max_completion_length=8)
+    assert encoded[0].student_prompt_ids.count(tok.tokenizer.token_to_id("<|audio_pad|>")) == 5 + 16
