@@ -24,7 +24,8 @@ import torch
 
 import memory_plan
 from checkpoints import complete_checkpoints
-from data import DataError, encode_examples, load_dataset_specs, load_tokenizer, render_chat
+from chat import encode_examples, load_tokenizer, render_chat
+from data import DataError, load_dataset_specs
 from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAborted, _build_parser, _HelpFormatter,
                    _Parser, _unknown_flags_message, _validate, fail, parse_args, parse_bool)
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, export_merged, inject_lora, load_adapter,

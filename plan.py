@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from checkpoints import STATE_FILE, refuse_output_dir, resolve_resume
-from data import TooLong, encode_examples, load_dataset_specs, load_tokenizer
+from chat import TooLong, encode_examples, load_tokenizer
+from data import load_dataset_specs
 from flags import Config, ConfigError
 from model_qwen3omni import ThinkerConfig, resolve_dtype
 from runlog import LOG

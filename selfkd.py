@@ -34,7 +34,7 @@ import torch
 
 import memory_plan
 from checkpoints import load_checkpoint, prepare_output_dir, save_checkpoint
-from data import Batch, collate, join_prompt_completion
+from chat import Batch, collate, join_prompt_completion
 from flags import DEEPSPEED_PRESETS, Config, ConfigError, TrainingAborted
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import inject_lora, lora_disabled, lora_parameters

@@ -28,7 +28,8 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-from data import QWEN_ADDED_TOKENS, REFERENCE_WRAPPER, SAMPLE_DATASET, _qwen_pipeline, load_dataset_specs
+from chat import QWEN_ADDED_TOKENS, _qwen_pipeline
+from data import REFERENCE_WRAPPER, SAMPLE_DATASET, load_dataset_specs
 from model_qwen3omni import Thinker, ThinkerConfig
 from weights import save_released
 from towers import AudioConfig, VisionConfig
@@ -43,7 +44,7 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".c
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 
-# The added tokens' ids in the released tokenizer_config.json (data.QWEN_ADDED_TOKENS lists the ones
+# The added tokens' ids in the released tokenizer_config.json (chat.QWEN_ADDED_TOKENS lists the ones
 # selfkd uses, in this order).
 QWEN_TOKEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                   "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
@@ -58,7 +59,7 @@ MEDIA_SPECIAL_TOKENS = {"image_token": "<|image_pad|>", "audio_token": "<|audio_
 
 # The Jinja template written into tokenizer_config.json / chat_template.json, in the style of
 # Qwen3-Omni's: ChatML turns, no default system prompt, media parts become placeholder tokens.
-# For text messages it renders exactly what data.render_chat returns (tests/test_data.py checks
+# For text messages it renders exactly what chat.render_chat returns (tests/test_data.py checks
 # this through transformers).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -106,7 +107,7 @@ def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012, real_ids: bool = T
     if bpe_vocab_size < 257:
         raise ValueError(f"bpe_vocab_size must be at least 257 (256 bytes + 1 merge), got {bpe_vocab_size}")
     if [c for c, _ in QWEN_ADDED_TOKENS] != list(QWEN_TOKEN_IDS):
-        raise AssertionError("data.QWEN_ADDED_TOKENS and QWEN_TOKEN_IDS list different tokens")
+        raise AssertionError("chat.QWEN_ADDED_TOKENS and QWEN_TOKEN_IDS list different tokens")
     train, _, _ = load_dataset_specs([str(SAMPLE_DATASET)], seed=0, split_ratio=0.0)
     texts = [_EXTRA_TEXT, REFERENCE_WRAPPER]
     for example in train:

@@ -20,7 +20,7 @@ selfkd   the trainer's own step, selfkd.train_step, on the DeepSpeed engine that
          positions only), engine.backward, engine.step; on-policy: selfkd.sample_completions first.
          It runs on a second copy of the model (DeepSpeed's hooks take over its LoRA gradients).
 bare     the same arithmetic without the engine: gkd_loss_sums, backward, torch AdamW (on-policy:
-         model_qwen3omni.generate + selfkd.sample_next first); "selfkd / bare" is what the engine
+         generate.generate + generate.sample_next first); "selfkd / bare" is what the engine
          and train_step's bookkeeping cost. The memory section measures this bare loop.
 peer     transformers thinker + peft LoRA (teacher = `with peft_model.disable_adapter()`),
          TRL 1.16 GKDTrainer.compute_loss (student, then teacher full-sequence logits, shift,
@@ -238,7 +238,7 @@ def lora_params(model):
 
 
 def make_data(a, cfg):
-    from data import Batch
+    from chat import Batch
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size - 2, (a.batch, a.prompt), generator=g).to(a.device)
@@ -354,7 +354,7 @@ def peer_generation_config(a):
 
 
 def peer_inputs(data):
-    from data import join_prompt_completion, labels_for
+    from chat import join_prompt_completion, labels_for
 
     ids, mask, start = join_prompt_completion(data.prompt_ids, data.prompt_mask, data.completion_ids,
                                               data.completion_mask)

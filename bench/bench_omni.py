@@ -22,7 +22,7 @@ student is the teacher: loss 0); PEFT loads OUR adapter file, so the LoRA weight
 Media, built with media.py (no transformers processor): per row one 448x448 image
 (image_patches: 784 patches, 196 tokens) and one 10 s clip (log_mel: 1000 frames, 130 tokens), in a
 different order and with different text in the two rows (left padding); batch 2. The prompts are
-data.EncodedExample rows collated by data.collate, which hands ONE MediaInputs to teacher and student
+chat.EncodedExample rows collated by chat.collate, which hands ONE MediaInputs to teacher and student
 when both prompts carry the same media. transformers gets the same tensors: pixel_values,
 image_grid_thw, input_features [n, 128, frames] + feature_attention_mask.
 
@@ -223,9 +223,10 @@ def synthetic_wave(seconds, seed):
 
 
 def make_batch(a, cfg):
-    """-> (data.Batch with ONE shared MediaInputs, completion ids/mask are the dataset completion)."""
+    """-> (chat.Batch with ONE shared MediaInputs, completion ids/mask are the dataset completion)."""
     import media
-    from data import EncodedExample, Media, collate, media_span
+    from chat import EncodedExample, collate, media_span
+    from data import Media
     from tiny import QWEN_TOKEN_IDS
 
     g = torch.Generator().manual_seed(0)

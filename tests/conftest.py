@@ -31,7 +31,7 @@ def text_model_dir(tmp_path_factory):
     exercise it (test_tiny, test_cross_modal, the omni tests, run.sh's) use tiny_model_dir."""
     from dataclasses import replace
 
-    from data import load_tokenizer
+    from chat import load_tokenizer
     from tiny import tiny_thinker_config, write_random_checkpoint, write_tiny_tokenizer
 
     path = str(tmp_path_factory.mktemp("text") / "tiny-text")
@@ -53,6 +53,6 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(tiny_dir):
-    from data import load_tokenizer
+    from chat import load_tokenizer
 
     return load_tokenizer(tiny_dir)

@@ -24,7 +24,8 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data import SAMPLE_DATASET, encode_examples, load_dataset_specs, load_tokenizer  # noqa: E402
+from chat import encode_examples, load_tokenizer  # noqa: E402
+from data import SAMPLE_DATASET, load_dataset_specs  # noqa: E402
 from lora import lora_parameters  # noqa: E402
 from selfkd import (Config, build_student, check_weights, deepspeed_config, init_distributed,  # noqa: E402
                     load_checkpoint, micro_batches, sample_completions, save_checkpoint, to_device, train_step)

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import loss  # noqa: E402
-from data import Batch  # noqa: E402
+from chat import Batch  # noqa: E402
 from lora import lora_parameters  # noqa: E402
 import selfkd  # noqa: E402
 from selfkd import Config, build_student, check_weights, deepspeed_config, init_distributed, train_step  # noqa: E402

@@ -14,7 +14,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from data import collate, encode_examples, load_dataset_specs, load_tokenizer
+from chat import collate, encode_examples, load_tokenizer
+from data import load_dataset_specs
 from lora import inject_lora, lora_disabled, lora_parameters
 from weights import load_thinker
 from selfkd import gkd_loss_sums, sample_completions, tower_outputs, train_step

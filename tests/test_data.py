@@ -7,9 +7,8 @@ from collections import Counter
 import pytest
 import torch
 
-from data import (REFERENCE_WRAPPER, SAMPLE_DATASET, DataError, EncodedExample, Example, collate, encode_example,
-                  encode_examples, join_prompt_completion, labels_for, load_dataset_specs, load_tokenizer,
-                  render_chat)
+from chat import EncodedExample, collate, encode_example, encode_examples, join_prompt_completion, labels_for, load_tokenizer, render_chat
+from data import DataError, Example, REFERENCE_WRAPPER, SAMPLE_DATASET, load_dataset_specs
 
 # Text that exercises every branch of the Qwen split regex, NFC, byte-level BPE and the
 # added-token matcher.

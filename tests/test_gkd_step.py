@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from data import Batch
+from chat import Batch
 from hf_models import hf_full_model, left_padded_batch, tiny_config
 from lora import _peft_entries, inject_lora, lora_parameters, save_adapter
 from weights import load_thinker
@@ -54,7 +54,7 @@ def stacks(tmp_path_factory):
 def test_one_gkd_step_equals_transformers_peft_and_trl(stacks):
     from trl.experimental.gkd import GKDTrainer
 
-    from data import join_prompt_completion, labels_for
+    from chat import join_prompt_completion, labels_for
 
     ours, peft_model = stacks
     prompt_ids, prompt_mask = left_padded_batch(CFG.vocab_size, [9, 6, 4], seed=1)

@@ -100,7 +100,7 @@ def test_a_rows_clips_get_what_one_processor_call_gives_them(hf):
             assert media.audio_token_count(frames) == tokens
             diff = (features - want).abs().max().item()
             assert diff <= 1e-4, (len(row[i]), diff)  # measured: 0.0
-    (short, long), ((_, frames, tokens), _) = media.log_mel_row(AUDIO_ROWS[0]), hf["audio_rows"][0]
+    (_, long), ((_, frames, tokens), _) = media.log_mel_row(AUDIO_ROWS[0]), hf["audio_rows"][0]
     assert (frames, tokens) == (33, 5) and media.log_mel(AUDIO_ROWS[0][0]).shape[1] == 32
     assert torch.equal(long, media.log_mel(AUDIO_ROWS[0][1]))  # the longest clip: as alone
     alone, in_row = media.log_mel(AUDIO_ROWS[1][0]), media.log_mel_row(AUDIO_ROWS[1])[0]  # 8020 samples

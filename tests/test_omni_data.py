@@ -58,8 +58,8 @@ if __name__ == "__main__":
 
 
 import media  # noqa: E402
-from data import (DataError, EncodedExample, collate, encode_example, encode_examples, inspect_dataset,  # noqa: E402
-                  load_dataset_specs, media_inputs, render_chat)
+from chat import EncodedExample, collate, encode_example, encode_examples, media_inputs, render_chat
+from data import DataError, inspect_dataset, load_dataset_specs
 
 
 def run_hf(prompts, tok_dir, tmp):

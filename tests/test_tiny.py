@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from data import SAMPLE_DATASET, encode_examples, load_dataset_specs, load_tokenizer, render_chat
+from chat import encode_examples, load_tokenizer, render_chat
+from data import SAMPLE_DATASET, load_dataset_specs
 from model_qwen3omni import MediaInputs
 from weights import load_thinker
 from tiny import QWEN_TOKEN_IDS, write_tiny_tokenizer

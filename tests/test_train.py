@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from data import SAMPLE_DATASET, collate, encode_examples, load_dataset_specs, load_tokenizer
+from chat import collate, encode_examples, load_tokenizer
+from data import SAMPLE_DATASET, load_dataset_specs
 from lora import inject_lora, lora_parameters
 from weights import load_thinker
 from selfkd import Config, gkd_loss_sums, is_on_policy, lr_at, sample_completions, step_branch
