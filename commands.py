@@ -154,10 +154,11 @@ def attach_adapter(model: Thinker, adapter: str, layout: dict | None = None) -> 
     load_adapter(model, adapter)
 
 
-def load_model(cfg: Config, adapter: str | None, dtype, device) -> Thinker:
-    """The base (with its towers when the adapter has LoRA in them), plus the adapter if given."""
+def load_model(cfg: Config, adapter: str | None, dtype, device, media: bool = False) -> Thinker:
+    """The base, plus the adapter if given; with its towers when the inputs have media (`media`) or
+    the adapter has LoRA in them."""
     layout = adapter_layout(adapter, cfg) if adapter else None
-    towers = layout is not None and not (layout["freeze_vit"] and layout["freeze_aligner"])
+    towers = media or (layout is not None and not (layout["freeze_vit"] and layout["freeze_aligner"]))
     model = load_thinker(cfg.model, dtype=dtype, device=device, towers=towers)
     if adapter:
         attach_adapter(model, adapter, layout)
@@ -188,7 +189,8 @@ def evaluate_command(argv: list[str]) -> None:
     rows, which = (eval_rows, "held-out") if eval_rows else (train_rows, "(--split_dataset_ratio 0: all)")
     encoded, _ = encode_examples(tok, rows, cfg.max_length, cfg.max_completion_length)
     device = _device()
-    model = load_model(cfg, own.adapter, cfg.torch_dtype, device)
+    has_media = any(e.student_media or e.teacher_media for e in encoded)
+    model = load_model(cfg, own.adapter, cfg.torch_dtype, device, media=has_media)
     if not torch.distributed.is_initialized():  # evaluate() sums over ranks: a group of one
         torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     engine = _PlainEngine(model)

@@ -8,7 +8,9 @@ model, LoRA off) reads their transcripts and captions. On the embedded default (
 - 2 processes under ZeRO-3 with media rows in both branches, eval and checkpoints, and an
   exact resume.
 """
+import json
 import os
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -174,6 +176,16 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     assert [m["step"] for m in straight] == [1, 2, 3, 4]
     assert {m["branch"] for m in straight} == {"on-policy", "dataset"}
     assert all(m["loss"] > 0 for m in straight)
+    # the README's command after `DEMO=omni bash run.sh`: evaluate loads the towers for the media rows
+    from test_cli import run_sh
+
+    evaluated = run_sh(["evaluate", "--adapter", full])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    found = re.search(r"base (\d\.\d+), adapter (\d\.\d+)", evaluated.stdout)
+    assert found, evaluated.stdout
+    evals = [m["eval_jsd"] for m in json_rows(full) if "eval_jsd" in m]
+    assert float(found.group(1)) == pytest.approx(evals[0], rel=1e-5)
+    assert float(found.group(2)) == pytest.approx(evals[-1], rel=1e-5)
 
     resumed = str(tmp_path / "resumed")
     # generation without the one-time gather (per-module ZeRO-3 gathers) must sample the same tokens
@@ -181,6 +193,11 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
                                os.path.join(full, "checkpoint-2"), "--gather_for_generation", "false"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert_resumed_run_is_the_straight_run(full, resumed, resumed_from=2, last=4)
+
+
+def json_rows(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_sampling_never_emits_a_media_placeholder(tiny_model_dir):
