@@ -27,7 +27,8 @@ from checkpoints import complete_checkpoints
 from chat import encode_examples, load_tokenizer, render_chat
 from data import DataError, load_dataset_specs
 from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAborted, _build_parser, _HelpFormatter,
-                   _Parser, _unknown_flags_message, _validate, fail, parse_args, parse_bool)
+                   _Parser, _unknown_flags_message, _validate, fail, from_args_json, parse_args,
+                   parse_bool)
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, export_merged, inject_lora, load_adapter,
                   lora_disabled)
 from model_qwen3omni import Thinker, resolve_dtype
@@ -81,7 +82,7 @@ def trained_with(adapter: str) -> dict:
         path = os.path.join(where, ARGS_FILE)
         if os.path.isfile(path):
             with open(path) as f:
-                return {k: v for k, v in json.load(f).items() if k not in _NOT_INHERITED}
+                return {k: v for k, v in from_args_json(json.load(f)).items() if k not in _NOT_INHERITED}
     return {}
 
 

@@ -12,7 +12,7 @@ import difflib
 import json
 import os
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import NoReturn
 
 from data import TEACHER_SEES_TRANSCRIPT
@@ -424,6 +424,23 @@ def _check_partitioning(zero: dict, source: str) -> None:
             raise ConfigError(f"--deepspeed {source}: zero_optimization.{key} = {value} is not supported: selfkd "
                               f"streams the checkpoint into DeepSpeed's default ZeRO-3 partitions and would load "
                               f"wrong slices under it; remove the key (or set it to {off})")
+
+
+# Flags whose values are "true" / "false" or a word: JSON booleans in args.json, the word as a string.
+_TRI_STATE = ("teacher_sees_transcript",)
+
+
+def args_json(cfg: Config) -> dict:
+    """The flags as args.json keeps them, with JSON's own types (true/false, numbers, null)."""
+    values = asdict(cfg)
+    for name in _TRI_STATE:
+        values[name] = {"true": True, "false": False}.get(values[name], values[name])
+    return values
+
+
+def from_args_json(values: dict) -> dict:
+    """args.json back to flag values (its booleans of the word-valued flags as the words)."""
+    return {k: ({True: "true", False: "false"}.get(v, v) if k in _TRI_STATE else v) for k, v in values.items()}
 
 
 def parse_args(argv: list[str]) -> Config:

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from checkpoints import STATE_FILE, refuse_output_dir, resolve_resume
 from chat import TooLong, encode_examples, load_tokenizer
@@ -52,6 +52,7 @@ class RunPlan:
     total: int
     resume_path: str | None
     resume_step: int | None
+    notes: list[str] = field(default_factory=list)  # what the plan changed, for the log
 
 
 def check_model_files(path: str) -> None:
@@ -112,6 +113,13 @@ def plan_run(cfg: Config, world: int) -> RunPlan:
     # tokens or in its media (the same placeholder count can hold another picture)
     data_stats["teacher_differs"] = sum(e.teacher_prompt_ids != e.student_prompt_ids
                                         or e.teacher_media != e.student_media for e in encoded)
+    resume_step, notes = None, []
+    if resume_path:
+        with open(os.path.join(resume_path, STATE_FILE)) as f:
+            state = json.load(f)
+        resume_step = state["step"]
+        if "rows_per_step" in state:  # older checkpoints do not say
+            notes += keep_rows_per_step(cfg, world, resume_path, state["rows_per_step"])
     per_step = cfg.per_device_train_batch_size * world * cfg.gradient_accumulation_steps
     steps_per_epoch = len(encoded) // per_step
     if steps_per_epoch == 0:
@@ -121,10 +129,6 @@ def plan_run(cfg: Config, world: int) -> RunPlan:
                           f"accumulation {cfg.gradient_accumulation_steps}); use a smaller "
                           "--per_device_train_batch_size, fewer processes (NPROC=1 bash run.sh), or more rows")
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch))
-    resume_step = None
-    if resume_path:
-        with open(os.path.join(resume_path, STATE_FILE)) as f:
-            resume_step = json.load(f)["step"]
     refuse_output_dir(cfg.output_dir, resume_step, cfg.overwrite_output_dir)
     if cfg.report_to == "tensorboard":
         try:
@@ -134,7 +138,28 @@ def plan_run(cfg: Config, world: int) -> RunPlan:
                               "install it with `.venv/bin/pip install tensorboard`, or use --report_to none "
                               "(metrics.jsonl and curve.png are always written)") from err
     return RunPlan(tok, encoded, encoded_eval, data_stats, truncated, too_long, per_step, steps_per_epoch, total,
-                   resume_path, resume_step)
+                   resume_path, resume_step, notes)
+
+
+def keep_rows_per_step(cfg: Config, world: int, checkpoint: str, rows: int) -> list[str]:
+    """A resumed run keeps the rows per optimizer step of the run it continues (its data order, its
+    schedule and the scale of its loss are made for them), also on another number of processes:
+    gradient accumulation takes up the difference where it divides, otherwise one error says what
+    would. Sets cfg.gradient_accumulation_steps; returns the line for the log ([] if nothing changed)."""
+    batch = cfg.per_device_train_batch_size
+    if rows == batch * world * cfg.gradient_accumulation_steps:
+        return []
+    if rows % (batch * world):
+        counts = [n for n in range(1, rows // batch + 1) if rows % (batch * n) == 0] if rows % batch == 0 else []
+        options = [f"NPROC={' or '.join(map(str, counts))} (batch {batch})"] if counts else []
+        if rows % world == 0:
+            options.append(f"{world} processes with a --per_device_train_batch_size that divides {rows // world}")
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint}: that run took {rows} rows per optimizer step, which "
+                          f"{world} processes x --per_device_train_batch_size {batch} cannot make with any "
+                          f"--gradient_accumulation_steps; resume with {' or '.join(options) or 'other processes'}")
+    cfg.gradient_accumulation_steps = rows // (batch * world)
+    return [f"resuming a run of {rows} rows per optimizer step on {world} process{'es' if world > 1 else ''} x batch "
+            f"{batch}: gradient accumulation {cfg.gradient_accumulation_steps} keeps it"]
 
 
 def data_report(cfg: Config, plan: RunPlan) -> list[str]:

@@ -139,6 +139,16 @@ def run_summary(eval_before, eval_after, losses: list[float], seconds: float, ad
     return lines
 
 
+def first_eval(output_dir: str, default: float | None) -> float | None:
+    """The run's first eval JSD in metrics.jsonl (a resumed run keeps the rows before its resume
+    point), else `default`."""
+    try:
+        with open(os.path.join(output_dir, METRICS_FILE)) as f:
+            return next((row["eval_jsd"] for row in map(json.loads, f) if "eval_jsd" in row), default)
+    except OSError:
+        return default
+
+
 def write_curve_quietly(output_dir: str) -> str | None:
     """curve.png for the run so far; a failure to draw is reported, never fatal."""
     try:

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, fields
+from dataclasses import fields
 from datetime import timedelta
 
 import torch
@@ -35,15 +35,15 @@ import torch
 import memory_plan
 from checkpoints import load_checkpoint, prepare_output_dir, save_checkpoint
 from chat import Batch, collate, join_prompt_completion
-from flags import DEEPSPEED_PRESETS, Config, ConfigError, TrainingAborted
+from flags import DEEPSPEED_PRESETS, Config, ConfigError, TrainingAborted, args_json
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import inject_lora, lora_disabled, lora_parameters
 from generate import generate, sample_next
 from model_qwen3omni import SparseMoE, Thinker, ThinkerConfig, resolve_dtype
 from weights import checksum, held_here, load_weights, part_of
 from plan import data_report, fixed_point_warning, plan_run
-from runlog import ARGS_FILE, LOG, LOG_FILE, RUN, MetricsSink, Stopped, _Signals, peak_memory_gib, progress_line, \
-    run_summary, write_curve_quietly
+from runlog import ARGS_FILE, LOG, LOG_FILE, RUN, MetricsSink, Stopped, _Signals, first_eval, peak_memory_gib, \
+    progress_line, run_summary, write_curve_quietly
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +545,7 @@ def train(cfg: Config) -> str:
     if rank == 0:
         prepare_output_dir(cfg.output_dir, plan.resume_step, cfg.overwrite_output_dir)
         with open(os.path.join(cfg.output_dir, ARGS_FILE), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
+            json.dump(args_json(cfg), f, indent=2)
     log.open(os.path.join(cfg.output_dir, LOG_FILE), fresh=plan.resume_step is None)
 
     log("selfkd: GKD LoRA self-distillation\n" + cfg.describe())
@@ -560,6 +560,8 @@ def train(cfg: Config) -> str:
         log(line)
     log(f"world size {world}, {per_step} rows per optimizer step, {plan.steps_per_epoch} steps per epoch, "
         f"{total} steps")
+    for note in plan.notes:
+        log(note)
 
     import deepspeed
 
@@ -659,13 +661,13 @@ def train(cfg: Config) -> str:
                     + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
                 window = []
         if (result is not None and (step + 1) % cfg.save_steps == 0) or step + 1 == total:  # always at the end
-            last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1}, cfg.save_only_model,
+            last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1, "rows_per_step": per_step}, cfg.save_only_model,
                                         cfg.save_total_limit, log)
             saved_at = step + 1
         RUN.update(step=step + 1, last_save=last_save)
         if stop_requested(device):  # SIGTERM on any rank: all of them stop here, after a save
             if saved_at != step + 1:
-                last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1},
+                last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1, "rows_per_step": per_step},
                                             cfg.save_only_model, cfg.save_total_limit, log)
                 RUN.update(last_save=last_save)
             log(f"selfkd: stopped by SIGTERM at step {step + 1} of {total}: saved {last_save}; resume with "
@@ -680,6 +682,8 @@ def train(cfg: Config) -> str:
         log(f"final eval JSD per token: {eval_after:.6f}")
     record.close()
     curve = write_curve_quietly(cfg.output_dir) if rank == 0 else None
+    if plan.resume_step is not None and rank == 0:  # the closing line compares with the run's first eval
+        eval_before = first_eval(cfg.output_dir, eval_before)
     for line in run_summary(eval_before, eval_after, losses, time.time() - started, last_save, curve,
                             cfg.logging_steps):
         log(line)

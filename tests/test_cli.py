@@ -202,6 +202,9 @@ def test_sigterm_saves_at_the_next_step_and_resume_continues_exactly(trained, te
         assert (got[s]["loss"], got[s]["branch"]) == (want[s]["loss"], want[s]["branch"]), s
     log = open(os.path.join(out, "train.log")).read()
     assert "stopped by SIGTERM" in log and "--- selfkd resumed run started" in log
+    # the closing line compares with the run's first eval, not with the eval at the resume point
+    first = next(json.loads(line)["eval_jsd"] for line in open(os.path.join(out, "metrics.jsonl")) if "eval_jsd" in line)
+    assert re.search(rf"^eval JSD {first:.4f} -> \d\.\d{{4}} ", resumed.stdout, re.M), resumed.stdout[-1500:]
 
 
 # 5./8./9./10. what a finished run leaves and says ----------------------------------------------------
@@ -234,7 +237,9 @@ def test_a_run_logs_every_step_and_ends_with_a_summary_and_a_curve(trained):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     log = open(os.path.join(out, "train.log")).read()  # what rank 0 printed, in the output directory
     assert "selfkd: GKD LoRA self-distillation" in log and summary.group(0) in log and progress[-1] in log
-    assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 8
+    args = json.load(open(os.path.join(out, "args.json")))  # JSON's own types
+    assert (args["max_steps"], args["teacher_sees_transcript"], args["seq_kd"], args["save_total_limit"]) == \
+        (8, False, False, 2)
     assert stdout.count("selfkd: GKD LoRA self-distillation") == 1  # rank 1 prints nothing
 
 

@@ -363,6 +363,32 @@ def test_a_second_run_into_the_same_output_dir_is_refused_unless_asked(text_mode
     assert json.load(open(os.path.join(out, "args.json")))["max_steps"] == 1
 
 
+def test_a_resume_on_another_number_of_processes_keeps_the_rows_per_step(text_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A checkpoint of a run of 8 rows per optimizer step (2 processes x batch 4): resumed on one
+    process, gradient accumulation 2 keeps the 8 rows (and the plan says so); on 3 processes no
+    accumulation makes 8: one line naming what would."""
+    from flags import parse_args
+    from plan import plan_run
+
+    out = str(tmp_path / "out")
+    checkpoint = os.path.join(out, "checkpoint-1")
+    os.makedirs(checkpoint)
+    with open(os.path.join(checkpoint, "trainer_state.json"), "w") as f:
+        json.dump({"step": 1, "adam_steps": 1, "rows_per_step": 8}, f)
+    flags = small_run(text_model_dir, out, "--per_device_train_batch_size", "4", "--resume_from_checkpoint", checkpoint)
+    cfg = parse_args(flags)
+    plan = plan_run(cfg, world=1)
+    assert (cfg.gradient_accumulation_steps, plan.per_step) == (2, 8)
+    assert plan.notes == ["resuming a run of 8 rows per optimizer step on 1 process x batch 4: gradient accumulation 2 "
+                          "keeps it"]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    one_line_error(in_process(flags, capsys, monkeypatch),
+                   r"--resume_from_checkpoint \S+checkpoint-1: that run took 8 rows per optimizer step, which 3 "
+                   r"processes x --per_device_train_batch_size 4 cannot make with any --gradient_accumulation_steps; "
+                   r"resume with NPROC=1 or 2 \(batch 4\)$")
+
+
 def test_resume_from_an_older_checkpoint_drops_the_abandoned_run_and_keeps_what_it_writes(text_model_dir, tmp_path):
     """Checkpoints 1-4 exist; resuming from checkpoint-1 with --save_total_limit 2 abandons 2-4. The
     checkpoint the resumed run writes must survive rotation, and the metrics hold one history."""
