@@ -43,6 +43,14 @@ sys.exit(any(importlib.util.find_spec(m) is None for m in '$RUNTIME'.split()))" 
     echo "run.sh: .venv ready ($(du -sh .venv | cut -f1)) in $((SECONDS - started)) s"
 fi
 PY=.venv/bin/python
+# the omni demo reads images, audio and video: the media extras, installed once when missing
+if [ "${DEMO:-}" = omni ] && ! $PY -c "
+import importlib.util, sys
+sys.exit(any(importlib.util.find_spec(m) is None for m in ('PIL', 'soundfile', 'soxr', 'av')))" 2>/dev/null; then
+    echo "run.sh: the omni demo reads images, audio and video: installing the media extras (requirements-media.txt: Pillow, soundfile, soxr, PyAV) into .venv."
+    .venv/bin/pip install --progress-bar off -r requirements-media.txt \
+        | { grep --line-buffered -E '^(Collecting|Successfully installed)' | sed -u 's/^/  pip: /' || true; }
+fi
 
 # --help and the commands used after training: straight to selfkd.py, one process, no torchrun
 for arg in "$@"; do
@@ -83,7 +91,9 @@ if [ -z "${MODEL:-}" ]; then
     if [ "${DEMO:-}" = omni ]; then
         # cross-modal: the student hears and sees the media of data/sample_omni.jsonl, the teacher
         # (the same model, LoRA off) reads their transcripts and captions instead
+        # (completion 64: the sample's longest answer is 63 tokens, so none is cut)
         ARGS+=(--dataset "${DATASET:-data/sample_omni.jsonl}" --split_dataset_ratio 0.2 --max_length 1024
+               --max_completion_length 64
                --teacher_sees_transcript true --per_device_eval_batch_size 4 --output_dir output/omni --eval_steps 10)
     else
         # the teacher sees the reference answer
