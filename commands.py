@@ -343,8 +343,17 @@ def estimate_memory_command(cfg: Config, world: int | None = None) -> None:
     if cfg.model is None:
         cfg.model = ensure_default_model()
     world = cfg.world_size or world or int(os.environ.get("WORLD_SIZE", 0)) or torch.cuda.device_count() or 1
-    ds = deepspeed_config(cfg, resolve_dtype(cfg.torch_dtype), world_size=world)
-    print(memory_plan.plan_for(cfg, ds, world, persistent_numel=ZERO3_PERSISTENT_NUMEL).table(), flush=True)
+    dtype, towers = resolve_dtype(cfg.torch_dtype), None
+
+    def plan(c: Config, n: int):
+        nonlocal towers
+        if towers is None:  # read the dataset files once
+            towers = bool(memory_plan.dataset_has_media(c.dataset)) or not (c.freeze_vit and c.freeze_aligner)
+        return memory_plan.plan_for(c, deepspeed_config(c, dtype, world_size=n), n, towers=towers,
+                                    persistent_numel=ZERO3_PERSISTENT_NUMEL)
+
+    print(memory_plan.fit_table(cfg, lambda c, n: plan(c, n).peak()[0] / memory_plan.GiB) + "\n", flush=True)
+    print(plan(cfg, world).table(), flush=True)  # last: its 'peak per GPU' line
 
 
 def check_command(argv: list[str]) -> None:

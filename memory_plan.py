@@ -602,6 +602,60 @@ def plan_for(cfg, ds: dict, world: int, towers: bool | None = None, device: str 
     return plan
 
 
+# Cards the fit table answers for: (name, GiB a process can allocate: about what torch reports as
+# the device's total memory; the driver and CUDA context keep the rest of the card's 80 / 141 GB).
+CARDS = (("80 GB (H100, A100)", 79.0), ("141 GB (H200)", 139.0))
+FIT_WORLDS = (1, 2, 4, 8, 16)
+
+
+def changes_to_fit(cfg) -> list[tuple[str, dict]]:
+    """The changes that lower the peak, cheapest first, each including those before it: (the flags
+    as a user types them, the Config fields they set)."""
+    steps, fields = [], {}
+    if cfg.deepspeed == "zero2":
+        steps.append(dict(deepspeed="zero3"))
+    if cfg.gather_for_generation:
+        steps.append(dict(gather_for_generation=False))
+    batch, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    while batch > 1 and batch % 2 == 0:  # the same rows per optimizer step, half of them at a time
+        batch, accumulation = batch // 2, accumulation * 2
+        steps.append(dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation))
+    if cfg.deepspeed != "zero3_offload":
+        steps.append(dict(deepspeed="zero3_offload"))
+    out = []
+    for step in steps:
+        fields = {**fields, **step}
+        flags = " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
+        out.append((flags, dict(fields)))
+    return out
+
+
+def fit_table(cfg, peak_gib, worlds=FIT_WORLDS, cards=CARDS) -> str:
+    """One row per process count, one column per card: 'fits' with the peak, or the cheapest change
+    (changes_to_fit) after which the plan fits. peak_gib(cfg, world) -> the plan's peak in GiB."""
+    from dataclasses import replace
+
+    head = f"{'GPUs':>4}  " + "  ".join(f"{name:<46}" for name, _ in cards)
+    lines = ["fits? the same flags on other launches (peak per GPU; where it does not fit, the cheapest change "
+             "that makes it fit):", head]
+    for world in worlds:
+        peak, cells, tried = peak_gib(cfg, world), [], {}
+        for _, usable in cards:
+            if peak <= usable:
+                cells.append(f"fits ({peak:.1f} GiB)")
+                continue
+            for label, fields in changes_to_fit(cfg):
+                if label not in tried:
+                    tried[label] = peak_gib(replace(cfg, **fields), world)
+                if tried[label] <= usable:
+                    cells.append(f"{label} ({tried[label]:.1f} GiB)")
+                    break
+            else:
+                cells.append(f"does not fit ({peak:.1f} GiB)")
+        lines.append(f"{world:>4}  " + "  ".join(f"{c:<46}" for c in cells))
+    return "\n".join(lines)
+
+
 def start_lines(cfg, ds: dict, world: int, towers: bool, device, persistent_numel: int = 0) -> list[str]:
     """What a training run logs at start: the plan's peak and, on a GPU whose memory it exceeds,
     a warning. On a CPU the peak is only shown (the processes share the host's memory, and

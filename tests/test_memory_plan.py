@@ -241,11 +241,35 @@ def test_estimate_memory_on_the_command_line(released_dir):
     assert "zero3 (ZeRO stage 3) on 8 GPU(s)" in out.stdout
     assert re.fullmatch(r"peak per GPU: \d+\.\d GiB in [a-z +]+", lines[-1])
     assert "deepspeed" not in out.stderr.lower()
+    # first the fit table: 1-16 GPUs x 80 / 141 GB, fits or the cheapest change that makes it fit
+    fits = {line.split()[0]: re.split(r"\s{2,}", line.strip())[1:] for line in lines[2:7]}
+    assert lines[1].split() == ["GPUs", "80", "GB", "(H100,", "A100)", "141", "GB", "(H200)"] and list(fits) == \
+        ["1", "2", "4", "8", "16"]
+    assert fits["8"] == ["fits (67.6 GiB)"] * 2  # the ms-swift command, as docs/memory.md says
+    assert fits["2"] == ["--gather_for_generation false (41.4 GiB)", "fits (90.7 GiB)"]
     out = run_selfkd("check", "--nproc_per_node", "4", *ms_swift_flags(released_dir), "--estimate_memory")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "on 4 GPU(s)" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("peak per GPU: ")
     with pytest.raises(ConfigError, match="--world_size 0: must be > 0"):
         parse_args(ms_swift_flags(released_dir, "--estimate_memory", "--world_size", "0"))
+
+
+def test_the_shipped_config_is_the_released_thinkers_and_plans_the_changes_that_fit(released_dir):
+    """configs/Qwen3-Omni-30B-A3B-Instruct/config.json (usable as --model for --estimate_memory, no
+    weights) is what weights.released_config writes for the released thinker; changes_to_fit goes
+    from the cheapest change up, each keeping the ones before and the rows per optimizer step."""
+    with open(os.path.join(ROOT, "configs", "Qwen3-Omni-30B-A3B-Instruct", "config.json")) as f:
+        shipped = json.load(f)
+    with open(os.path.join(released_dir, "config.json")) as f:
+        assert shipped == json.load(f)
+    cfg = parse_args(ms_swift_flags(released_dir, "--deepspeed", "zero2"))
+    assert [label for label, _ in memory_plan.changes_to_fit(cfg)] == [
+        "--deepspeed zero3",
+        "--deepspeed zero3 --gather_for_generation false",
+        "--deepspeed zero3 --gather_for_generation false --per_device_train_batch_size 2 --gradient_accumulation_steps 2",
+        "--deepspeed zero3 --gather_for_generation false --per_device_train_batch_size 1 --gradient_accumulation_steps 4",
+        "--deepspeed zero3_offload --gather_for_generation false --per_device_train_batch_size 1 "
+        "--gradient_accumulation_steps 4"]
 
 
 def test_a_run_logs_the_peak_and_warns_when_the_gpu_is_too_small(released_dir, monkeypatch):
