@@ -625,20 +625,39 @@ def _pad_row_clips(ex: Example) -> None:
         ex.media[key] = replace(item, features=features)
 
 
-def _read_media(examples: list[Example], indices: set[int], cache: dict, stats: dict | None) -> set[int]:
+def _read_media(examples: list[Example], indices: set[int], cache: dict, stats: dict | None,
+                errors: list | None = None) -> set[int]:
     """Preprocess the media of the drawn rows examples[i], i in indices. Returns the rows whose
-    media are bad, counted in `stats` (skip_bad_rows); with stats None the first one raises."""
+    media are bad, counted in `stats` (skip_bad_rows); with stats None they go to `errors` (or,
+    with no list, the first one raises). A missing package always raises: it is no bad row."""
     bad = set()
     for i in sorted(indices):
         try:
             _attach_media(examples[i], cache)
         except DataError as error:
-            if stats is None or error.reason == "missing_package":
+            if error.reason == "missing_package" or (stats is None and errors is None):
                 raise
+            bad.add(i)
+            if stats is None:
+                errors.append(error)
+                continue
             stats["rows_skipped"][error.reason] += 1
             stats["bad_rows"].append(str(error))
-            bad.add(i)
     return bad
+
+
+MAX_BAD_ROWS_SHOWN = 20
+
+
+def bad_rows_error(errors: list[DataError], rows_read: int) -> DataError:
+    """Every bad row in one error: a line each (file:line: what is wrong), up to MAX_BAD_ROWS_SHOWN,
+    then a count, and a last line with the two ways on."""
+    shown = [str(error) for error in errors[:MAX_BAD_ROWS_SHOWN]]
+    if len(errors) > len(shown):
+        shown.append(f"... and {len(errors) - len(shown)} more bad rows")
+    shown.append(f"{len(errors)} of {rows_read} rows are bad: fix them, or pass --skip_bad_rows true to train without "
+                 "them (each skipped row is then named in the log)")
+    return DataError("\n".join(shown), errors[0].reason)
 
 
 # --- specs, sampling and the eval split ------------------------------------------------------
@@ -719,6 +738,7 @@ def load_dataset_specs(
         raise DataError(f"split_ratio must be in [0, 1), got {split_ratio}")
     rng = np.random.RandomState(seed)
     train, evaluation, media_cache = [], [], {}
+    bad_rows = []  # without skip_bad_rows: every bad row of every spec, reported together at the end
     stats = {"specs": [], "rows_read": 0, "rows_skipped": Counter(), "bad_rows": [], "formats": Counter()}
     for spec in specs:
         path, n_sample = _parse_spec(spec)
@@ -733,7 +753,8 @@ def load_dataset_specs(
                                           teacher_sees_transcript=teacher_sees_transcript)
             except DataError as error:
                 if not skip_bad_rows:
-                    raise
+                    bad_rows.append(error)
+                    continue
                 stats["rows_skipped"][error.reason] += 1
                 stats["bad_rows"].append(str(error))
                 continue
@@ -741,13 +762,21 @@ def load_dataset_specs(
             examples.append(example)
         stats["rows_read"] += len(rows)
         if not examples:
+            if bad_rows:
+                continue
             why = f"all {len(rows)} rows were bad and skipped" if rows else "the file holds no rows"
             raise DataError(f"{path}: no usable rows: {why}", "empty_dataset")
-        train_idx, eval_idx = _split_and_sample(len(examples), n_sample, split_ratio, rng, spec)
-        bad = _read_media(examples, set(train_idx + eval_idx), media_cache, stats if skip_bad_rows else None)
+        try:
+            train_idx, eval_idx = _split_and_sample(len(examples), n_sample, split_ratio, rng, spec)
+        except DataError:
+            if bad_rows:  # too few rows because some are bad: those are the error, reported below
+                continue
+            raise
+        bad = _read_media(examples, set(train_idx + eval_idx), media_cache, stats if skip_bad_rows else None,
+                          bad_rows)
         if bad:  # drawn rows whose media are bad (skip_bad_rows): dropped, so the spec gives fewer rows
             train_idx, eval_idx = [i for i in train_idx if i not in bad], [i for i in eval_idx if i not in bad]
-            if not train_idx:
+            if not train_idx and skip_bad_rows:  # (without it, bad_rows_error below names them)
                 raise DataError(f"{path}: no usable rows: the media of every drawn training row are bad", "empty_dataset")
         train += [examples[i] for i in train_idx]
         evaluation += [examples[i] for i in eval_idx]
@@ -755,6 +784,8 @@ def load_dataset_specs(
             "spec": spec, "rows_read": len(rows), "rows_usable": len(examples) - len(bad),
             "train": len(train_idx), "eval": len(eval_idx),
         })
+    if bad_rows:
+        raise bad_rows_error(bad_rows, stats["rows_read"])
     stats["train"], stats["eval"] = len(train), len(evaluation)
     # With no privileged context the teacher equals the student and GKD cannot move (the
     # fixed point, README); the trainer warns when this is 0.

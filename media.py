@@ -58,6 +58,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -126,6 +127,7 @@ class MediaError(ValueError):
     """
 
     def __init__(self, path, problem: str):
+        problem = re.sub(r"\[Errno -?\d+\] ", "", problem)  # FFmpeg's and the OS's error numbers: words only
         super().__init__(f"{path}: {problem}")
         self.path = str(path)
         self.problem = problem

@@ -368,6 +368,7 @@ def bad_files(tmp_path):
     from PIL import Image
 
     (tmp_path / "junk.png").write_bytes(b"not an image at all" * 8)
+    (tmp_path / "junk.wav").write_bytes(b"RIFF" + b"\x00" * 4 + b"WAVE" + b"not audio at all" * 8)
     Image.new("RGB", (201, 1)).save(tmp_path / "thin.png")
     sf.write(tmp_path / "long.wav", np.zeros(601 * 1000, np.float32), 1000, subtype="PCM_U8")  # 601 s at 1 kHz
     container = av.open(str(tmp_path / "empty.avi"), "w")  # a video stream that holds no frame
@@ -386,6 +387,7 @@ BAD_ROWS = [  # (row, media file named in the message or None, what the message 
     (user("<image>q", images=["junk.png"]), "junk.png", "cannot decode image", "bad_media"),
     (user("<image>q", images=["thin.png"]), "thin.png", "201x1 pixels is unusable", "bad_media"),
     (user("<audio>q", audios=["long.wav"]), "long.wav", "601.0 s long; the limit is 600 s", "bad_media"),
+    (user("<audio>q", audios=["junk.wav"]), "junk.wav", r"cannot open as a media file \(Invalid data found", "bad_media"),
     (user("<video>q", videos=["empty.avi"]), "empty.avi", "video without frames", "bad_media"),
     (user("<image><image>q", images=["thin.png"]), "thin.png", r"2 <image> tag\(s\) in the text but 1 entries",
      "bad_media"),
@@ -408,12 +410,34 @@ def test_bad_media_rows_say_file_line_and_path(tmp_path, row, file, problem, rea
     path = write_jsonl(tmp_path / "a.jsonl", [GOOD, row])
     with pytest.raises(DataError) as e:
         load(path)
-    message = str(e.value)
-    assert "\n" not in message and message.startswith(f"{path}:2: ") and re.search(problem, message), message
+    message, fix = str(e.value).splitlines()  # the row, then the way on
+    assert message.startswith(f"{path}:2: ") and re.search(problem, message), message
+    assert "Errno" not in message  # FFmpeg's and the OS's error numbers are left out: words only
+    assert fix == ("1 of 2 rows are bad: fix them, or pass --skip_bad_rows true to train without them (each skipped "
+                   "row is then named in the log)")
     if file:
         assert file in message
     train, _, stats = load(path, skip_bad_rows=True)
     assert len(train) == 1 and stats["rows_skipped"] == {reason: 1} and stats["bad_rows"] == [message]
+
+
+def test_every_bad_row_is_named_in_one_pass(tmp_path):
+    """Without --skip_bad_rows every bad row of every file is reported at once (rows and media, a
+    line each, up to 20 and then a count), not the first one alone; the last line names the way on."""
+    from data import MAX_BAD_ROWS_SHOWN
+
+    bad_files(tmp_path)
+    first = write_jsonl(tmp_path / "a.jsonl", [GOOD, user("<image>q", images=["junk.png"]), {"messages": 3}, GOOD])
+    second = write_jsonl(tmp_path / "b.jsonl", [user("<audio>q", audios=["junk.wav"])] * 30 + [GOOD])
+    with pytest.raises(DataError) as e:
+        load_dataset_specs([first, second], seed=0, split_ratio=0.0)
+    lines = str(e.value).splitlines()
+    assert len(lines) == MAX_BAD_ROWS_SHOWN + 2
+    assert lines[0].startswith(f"{first}:3: ") and "messages" in lines[0]  # parse errors first, then media
+    assert lines[1].startswith(f"{first}:2: ") and "junk.png: cannot decode image" in lines[1]
+    assert all(line.startswith(f"{second}:") and "junk.wav: cannot open as a media file (Invalid data found" in line for line in lines[2:20])
+    assert lines[-2:] == ["... and 12 more bad rows", "32 of 35 rows are bad: fix them, or pass --skip_bad_rows true "
+                          "to train without them (each skipped row is then named in the log)"]
 
 
 def test_missing_media_package_is_one_line_and_never_skipped(tmp_path, monkeypatch):
