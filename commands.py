@@ -17,14 +17,16 @@ import sys
 import time
 import traceback
 import warnings
+from collections import Counter
+from contextlib import nullcontext
 from dataclasses import fields
 from typing import NoReturn
 
 import torch
 
 import memory_plan
+from chat import collate, encode_examples, load_tokenizer, render_chat
 from checkpoints import complete_checkpoints
-from chat import encode_examples, load_tokenizer, render_chat
 from data import DataError, load_dataset_specs
 from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAborted, _build_parser, _HelpFormatter,
                    _Parser, _unknown_flags_message, _validate, fail, from_args_json, parse_args,
@@ -32,11 +34,11 @@ from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAb
 from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, export_merged, inject_lora, load_adapter,
                   lora_disabled)
 from model_qwen3omni import Thinker, resolve_dtype
-from weights import load_thinker
 from plan import data_report, plan_run
 from runlog import ARGS_FILE, LOG, RUN, Stopped, _on_sigint, _on_sigterm, _Signals
-from selfkd import ZERO3_PERSISTENT_NUMEL, deepspeed_config, evaluate, sample_completions, train
+from selfkd import ZERO3_PERSISTENT_NUMEL, deepspeed_config, evaluate, sample_completions, to_device, train
 from tiny import ensure_default_model
+from weights import load_thinker
 
 
 # the sub-commands' own flags: name -> argparse keywords
@@ -208,7 +210,71 @@ def evaluate_command(argv: list[str]) -> None:
         change = f" ({(tuned - base) / base:+.0%})" if base > 0 else ""
         line += f", adapter {tuned:.6f}{change} ({own.adapter})"
     print(line, flush=True)
+    for line in cross_modal_gap(engine, encoded, cfg, tok, device, own.adapter is not None):
+        print(line, flush=True)
     torch.distributed.destroy_process_group()
+
+
+def token_f1(a: list[int], b: list[int]) -> float:
+    """SQuAD-style token F1 of two answers: the harmonic mean of precision and recall of their
+    common tokens, counted with multiplicity (1.0 for two empty answers)."""
+    common = sum((Counter(a) & Counter(b)).values())
+    if not a or not b:
+        return float(a == b)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def greedy_answers(model, prompt_ids, prompt_mask, media, cfg: Config, tok) -> list[list[int]]:
+    """Greedy completions (token ids up to the first end of turn) of a batch of prompts."""
+    generator = torch.Generator(device=prompt_ids.device)
+    ids, mask = sample_completions(model, prompt_ids, prompt_mask, generator, max_new_tokens=cfg.max_completion_length,
+                                   temperature=0.0, top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                   gather=False, media_inputs=media)
+    return [[t for t in row[:n] if t not in tok.eos_ids] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
+
+
+def cross_modal_gap(engine, encoded: list, cfg: Config, tok, device, with_adapter: bool) -> list[str]:
+    """For rows whose student hears or sees media that the teacher reads as text (a teacher view:
+    --teacher_sees_transcript, teacher_messages), per modality: the JSD between the student on the
+    media and the teacher (the base, LoRA off) on their text, and the agreement of their greedy
+    answers (exact match, token F1), for the base and for the adapter. What cross-modal
+    distillation is for: the gap closes when the model answers from sound and pixels as it does
+    from text."""
+    model = engine.module
+    views = [e for e in encoded if e.student_media and e.teacher_prompt_ids != e.student_prompt_ids]
+    if not views:
+        return []
+    lines = [f"cross-modal gap, {len(views)} rows with a teacher view (student on the media vs the base on their "
+             f"text): JSD per token, then greedy answers' exact match and token F1, base" +
+             (" -> adapter" if with_adapter else "")]
+    for kind in ("audio", "image", "video"):
+        rows = [e for e in views if any(m.kind == kind for m in e.student_media)]
+        if not rows:
+            continue
+        teacher = []  # the base's answers from the text: the same for the base and the adapter
+        with lora_disabled(model):
+            for first in range(0, len(rows), cfg.per_device_eval_batch_size):
+                b = to_device(collate(rows[first:first + cfg.per_device_eval_batch_size], tok.pad_id), device)
+                teacher += greedy_answers(model, b.teacher_prompt_ids, b.teacher_prompt_mask, b.teacher_media, cfg, tok)
+        figures = []
+        for adapter_on in ([False, True] if with_adapter else [False]):
+            with (nullcontext() if adapter_on else lora_disabled(model)):
+                gap = evaluate(engine, rows, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta, cfg.temperature,
+                               device)
+                student = []
+                for first in range(0, len(rows), cfg.per_device_eval_batch_size):
+                    b = to_device(collate(rows[first:first + cfg.per_device_eval_batch_size], tok.pad_id), device)
+                    student += greedy_answers(model, b.student_prompt_ids, b.student_prompt_mask, b.student_media,
+                                              cfg, tok)
+            exact = sum(s == t for s, t in zip(student, teacher)) / len(rows)
+            f1 = sum(token_f1(s, t) for s, t in zip(student, teacher)) / len(rows)
+            figures.append((gap, exact, f1))
+        show = [" -> ".join(fmt.format(f[i]) for f in figures) for i, fmt in enumerate(("{:.4f}", "{:.0%}", "{:.2f}"))]
+        lines.append(f"  {kind:<5} ({len(rows)} rows): JSD {show[0]}; exact match {show[1]}; token F1 {show[2]}")
+    return lines
 
 
 def read_prompts(path: str) -> list[list[dict]]:

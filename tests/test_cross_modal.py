@@ -186,6 +186,12 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     evals = [m["eval_jsd"] for m in json_rows(full) if "eval_jsd" in m]
     assert float(found.group(1)) == pytest.approx(evals[0], rel=1e-5)
     assert float(found.group(2)) == pytest.approx(evals[-1], rel=1e-5)
+    # and the cross-modal gap per modality: the student on the media vs the base on their text
+    gap = evaluated.stdout.splitlines()[1:]
+    assert gap[0].startswith("cross-modal gap, 4 rows with a teacher view"), evaluated.stdout
+    kinds = [re.fullmatch(r"  (audio|image|video) *\((\d) rows\): JSD (\d\.\d{4}) -> (\d\.\d{4}); exact match \d+% -> "
+                          r"\d+%; token F1 \d\.\d\d -> \d\.\d\d", line) for line in gap[1:]]
+    assert kinds and all(kinds) and all(float(k.group(3)) > 0 and float(k.group(4)) > 0 for k in kinds), gap
 
     resumed = str(tmp_path / "resumed")
     # generation without the one-time gather (per-module ZeRO-3 gathers) must sample the same tokens
@@ -193,6 +199,14 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
                                os.path.join(full, "checkpoint-2"), "--gather_for_generation", "false"])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert_resumed_run_is_the_straight_run(full, resumed, resumed_from=2, last=4)
+
+
+def test_token_f1_is_squads():
+    from commands import token_f1
+
+    assert token_f1([1, 2, 3], [1, 2, 3]) == 1.0 and token_f1([1, 2], [3]) == 0.0 and token_f1([], []) == 1.0
+    assert token_f1([1, 1, 2], [1, 2, 2, 5]) == pytest.approx(2 * (2 / 3) * (2 / 4) / (2 / 3 + 2 / 4))  # multiplicity
+    assert token_f1([], [4]) == 0.0
 
 
 def json_rows(output_dir: str) -> list[dict]:
