@@ -290,6 +290,13 @@ def _encode_turns(
     return ids + tok.encode(text), spans
 
 
+def encode_prompt(tok: ChatTokenizer, messages: list[dict], items: dict) -> tuple[list[int], list[Media]]:
+    """A prompt to answer (generation header included) -> (ids with the media placeholders expanded,
+    its media items in prompt order); `items` maps media_key(part) to the item, {} for text."""
+    ids, spans = _encode_turns(tok, messages, items, add_generation_prompt=True)
+    return ids, [item for _, _, item in spans]
+
+
 def _chat_pieces(messages: list[dict], add_generation_prompt: bool):
     """ChatML turns in order as text pieces (str) and media parts (dict): a string content is
     rendered whole, a content list part by part with no separators (the chat template's rule)."""

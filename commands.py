@@ -25,7 +25,7 @@ from typing import NoReturn
 import torch
 
 import memory_plan
-from chat import collate, encode_examples, load_tokenizer, render_chat
+from chat import collate, encode_examples, encode_prompt, load_tokenizer, media_inputs
 from checkpoints import complete_checkpoints
 from data import DataError, load_dataset_specs
 from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAborted, _build_parser, _HelpFormatter,
@@ -48,7 +48,9 @@ COMMAND_FLAGS = {
         "--adapter": dict(help="checkpoint (or output directory) whose adapter is on; without it, the base"),
         "--prompts": dict(required=True, help="a text file with one prompt per line, or a JSON/JSONL file of rows "
                                               "with 'prompt', alpaca 'instruction' (+ 'input', 'system') or "
-                                              "'messages' (a final assistant turn is dropped)"),
+                                              "'messages' (a final assistant turn is dropped); with media as in "
+                                              "datasets ('images' / 'audios' / 'videos' lists and tags, or content "
+                                              "parts; paths relative to the file)"),
         "--max_new_tokens": dict(type=int, default=None, help="tokens per completion; None: "
                                                               "--max_completion_length"),
         "--do_sample": dict(type=parse_bool, nargs="?", const=True, default=False, metavar="{true,false}",
@@ -277,15 +279,17 @@ def cross_modal_gap(engine, encoded: list, cfg: Config, tok, device, with_adapte
     return lines
 
 
-def read_prompts(path: str) -> list[list[dict]]:
-    """Chat messages ending with a user turn, from a text file (one prompt per line) or JSON/JSONL
-    rows: a string, {'prompt'}, alpaca {'instruction', 'input', 'system'} or {'messages'}."""
+def read_prompts(path: str) -> list[tuple[list[dict], dict]]:
+    """(chat messages ending with a user turn, their media items), from a text file (one prompt per
+    line) or JSON/JSONL rows: a string, {'prompt'}, alpaca {'instruction', 'input', 'system'} or
+    {'messages'}; rows with media take the dataset formats' forms (docs/data.md: `images` /
+    `audios` / `videos` lists with tags, or content parts; paths relative to the file)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--prompts {path}: no such file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not path.endswith((".json", ".jsonl")):
-        return [[{"role": "user", "content": line.strip()}] for line in text.splitlines() if line.strip()]
+        return [([{"role": "user", "content": line.strip()}], {}) for line in text.splitlines() if line.strip()]
     try:
         rows = json.loads(text) if path.endswith(".json") else [json.loads(line) for line in text.splitlines()
                                                                    if line.strip()]
@@ -297,6 +301,9 @@ def read_prompts(path: str) -> list[list[dict]]:
             row = {"prompt": row}
         if not isinstance(row, dict):
             raise ConfigError(f"--prompts {path}: row {i}: expected a string or an object")
+        if media_prompt(row):
+            prompts.append(media_prompt(row, f"{path}:{i}", os.path.dirname(path)))
+            continue
         if isinstance(row.get("messages"), list):
             messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
             if messages and messages[-1]["role"] == "assistant":
@@ -307,10 +314,31 @@ def read_prompts(path: str) -> list[list[dict]]:
                 raise ConfigError(f"--prompts {path}: row {i}: no 'prompt', 'instruction' or 'messages'")
             messages = ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + \
                 [{"role": "user", "content": user}]
-        prompts.append(messages)
+        prompts.append((messages, {}))
     if not prompts:
         raise ConfigError(f"--prompts {path}: no prompts in the file")
     return prompts
+
+
+def media_prompt(row: dict, source: str | None = None, base_dir: str = "."):
+    """Without a source: whether a prompt row has media. With it: (its prompt turns, their media
+    items read and preprocessed), parsed as a dataset row is (the answer a dataset row needs is
+    not asked for)."""
+    parts = [part for m in row.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
+             for part in m["content"]]
+    if source is None:
+        return any(row.get(key) for key in ("images", "audios", "videos")) or any(
+            isinstance(part, dict) and part.get("type") in ("image", "audio", "video") for part in parts)
+    from data import _attach_media, _parse_row
+
+    row = dict(row)
+    if isinstance(row.get("messages"), list) and (not row["messages"] or row["messages"][-1].get("role") != "assistant"):
+        row["messages"] = [*row["messages"], {"role": "assistant", "content": "(the answer to generate)"}]
+    elif "instruction" in row:
+        row.setdefault("output", "(the answer to generate)")
+    _, example = _parse_row(row, source, None, False, base_dir=base_dir)
+    _attach_media(example, {})
+    return example.student_messages, example.media
 
 
 def generate_command(argv: list[str]) -> None:
@@ -318,25 +346,29 @@ def generate_command(argv: list[str]) -> None:
     prompts = read_prompts(own.prompts)
     tok = load_tokenizer(cfg.model)
     device = _device()
-    model = load_model(cfg, own.adapter, cfg.torch_dtype, device)
+    model = load_model(cfg, own.adapter, cfg.torch_dtype, device, media=any(items for _, items in prompts))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     results = []
     for first in range(0, len(prompts), cfg.per_device_eval_batch_size):
         chunk = prompts[first:first + cfg.per_device_eval_batch_size]
-        encoded = [tok.encode(render_chat(messages, add_generation_prompt=True)) for messages in chunk]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[tok.pad_id] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+        encoded = [encode_prompt(tok, messages, items) for messages, items in chunk]  # (ids, media in order)
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.tensor([[tok.pad_id] * (width - len(e)) + e for e, _ in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e, _ in encoded], device=device)
+        media = media_inputs([items for _, items in encoded])
         completions, done = sample_completions(
             model, ids, mask, generator, max_new_tokens=own.max_new_tokens or cfg.max_completion_length,
             temperature=cfg.temperature if own.do_sample else 0.0, top_k=cfg.top_k, top_p=cfg.top_p,
-            eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False)
-        for messages, row, n in zip(chunk, completions.tolist(), done.sum(1).tolist()):
+            eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False, media_inputs=media and media.to(device))
+        for (messages, _), row, n in zip(chunk, completions.tolist(), done.sum(1).tolist()):
             text = tok.decode(row[:n], skip_special_tokens=True)
             results.append({"prompt": messages, "completion": text, "completion_ids": row[:n], "adapter": own.adapter})
             shown = text if text.strip() else (f"(no text: the tokenizer has none for these {n} token ids: "
                                                f"{' '.join(map(str, row[:n]))})")
-            print(f"### {len(results)}: {messages[-1]['content']}\n{shown}\n", flush=True)
+            asked = messages[-1]["content"]
+            asked = asked if isinstance(asked, str) else " ".join(
+                p["text"] if p["type"] == "text" else f"<{p['type']}>" for p in asked)
+            print(f"### {len(results)}: {asked}\n{shown}\n", flush=True)
     if own.out:
         with open(own.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in results)

@@ -192,6 +192,40 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     kinds = [re.fullmatch(r"  (audio|image|video) *\((\d) rows\): JSD (\d\.\d{4}) -> (\d\.\d{4}); exact match \d+% -> "
                           r"\d+%; token F1 \d\.\d\d -> \d\.\d\d", line) for line in gap[1:]]
     assert kinds and all(kinds) and all(float(k.group(3)) > 0 and float(k.group(4)) > 0 for k in kinds), gap
+    # generate with media prompts (dataset forms, paths relative to the file): what the trainer's
+    # own encoding and greedy sampling give for the same rows with the adapter on
+    rows = [{"messages": [{"role": "user", "content": "<image>What shape is in the picture?"}],
+             "images": ["omni/red_circle.png"]},
+            {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "omni/shapes.flac"},
+                                                       {"type": "text", "text": "What was said?"}]}]}]
+    prompts = os.path.join(ROOT, "data", f".prompts-{os.getpid()}.jsonl")  # beside data/omni
+    try:
+        with open(prompts, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        made = run_sh(["generate", "--adapter", full, "--prompts", prompts, "--out", str(tmp_path / "gen.jsonl")])
+    finally:
+        os.remove(prompts)
+    assert made.returncode == 0, made.stderr[-3000:]
+    got = [json.loads(line)["completion_ids"] for line in open(tmp_path / "gen.jsonl")]
+    assert "### 1: <image> What shape is in the picture?" in made.stdout and "### 2: <audio> What was said?" in made.stdout
+    tok = load_tokenizer(tiny_model_dir)
+    for row in rows:
+        row["messages"] = row["messages"] + [{"role": "assistant", "content": "x"}]
+    with open(tmp_path / "as_data.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.symlink(os.path.join(ROOT, "data", "omni"), tmp_path / "omni")
+    examples, _, _ = load_dataset_specs([str(tmp_path / "as_data.jsonl")], seed=0, split_ratio=0.0)
+    examples.sort(key=lambda e: e.source)
+    from commands import attach_adapter
+
+    model = load_thinker(tiny_model_dir, dtype=torch.float32, towers=True)
+    attach_adapter(model, os.path.join(full, "checkpoint-4"))  # its rank, alpha and targets
+    for example, want in zip(examples, got):
+        batch = collate(encode_examples(tok, [example], 1024, 8)[0], tok.pad_id)
+        ids, mask = sample_completions(model, batch.student_prompt_ids, batch.student_prompt_mask, None,
+                                       max_new_tokens=6, temperature=0.0, top_k=0, top_p=1.0, eos_ids=tok.eos_ids,
+                                       pad_id=tok.pad_id, gather=False, media_inputs=batch.student_media)
+        assert ids[0, :int(mask.sum())].tolist() == want, example.source
 
     resumed = str(tmp_path / "resumed")
     # generation without the one-time gather (per-module ZeRO-3 gathers) must sample the same tokens
