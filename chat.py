@@ -129,6 +129,19 @@ class ChatTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def readable(self, ids) -> str:
+        """Text of ids (special tokens left out) where an id the vocabulary lacks shows as <id>
+        instead of vanishing: a tokenizer may cover fewer ids than the model emits (the embedded
+        default's tiny one covers ~1,000 of 152,064)."""
+        out, run = [], []
+        for i in map(int, ids):
+            if self.tokenizer.id_to_token(i) is None:
+                out += [self.decode(run, skip_special_tokens=True), f"<{i}>"]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out + [self.decode(run, skip_special_tokens=True)])
+
 
 def _token_content(value) -> str | None:
     """tokenizer_config.json stores a token either as a string or as {"content": ...}."""

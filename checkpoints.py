@@ -15,7 +15,7 @@ import torch
 
 from flags import Config, ConfigError, TrainingAborted
 from lora import adapter_tensors, load_adapter, lora_parameters, write_adapter
-from runlog import METRICS_FILE, RUN
+from runlog import COMPLETIONS_FILE, METRICS_FILE, RUN
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -206,18 +206,19 @@ def refuse_output_dir(output_dir: str, resume_step: int | None, overwrite: bool)
 
 def prepare_output_dir(output_dir: str, resume_step: int | None, overwrite: bool) -> None:
     """Rank 0, before training. refuse_output_dir, then: on resume from step k, the checkpoints
-    after k and the metrics rows after k belong to the abandoned continuation of that run: drop
+    after k and the metrics (and completions) rows after k belong to the abandoned continuation of that run: drop
     them, so that they can neither be mixed with this run's nor rotated in place of its checkpoints."""
     refuse_output_dir(output_dir, resume_step, overwrite)
     found = complete_checkpoints(output_dir)
     newer = [path for step, path in found if resume_step is None or step > resume_step]
     for path in newer:
         shutil.rmtree(path)
-    metrics = os.path.join(output_dir, METRICS_FILE)
-    if os.path.isfile(metrics):
-        with open(metrics) as f:
-            rows = [line for line in f if resume_step is not None and json.loads(line).get("step", 0) <= resume_step]
-        with open(metrics, "w") as f:
-            f.writelines(rows)
+    for name in (METRICS_FILE, COMPLETIONS_FILE):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows = [line for line in f if resume_step is not None and json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(rows)
     if (newer or resume_step is None) and os.path.exists(os.path.join(output_dir, "latest")):
         os.remove(os.path.join(output_dir, "latest"))

@@ -361,10 +361,9 @@ def generate_command(argv: list[str]) -> None:
             temperature=cfg.temperature if own.do_sample else 0.0, top_k=cfg.top_k, top_p=cfg.top_p,
             eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False, media_inputs=media and media.to(device))
         for (messages, _), row, n in zip(chunk, completions.tolist(), done.sum(1).tolist()):
-            text = tok.decode(row[:n], skip_special_tokens=True)
+            text = tok.readable(row[:n])  # ids the tokenizer lacks as <id>
             results.append({"prompt": messages, "completion": text, "completion_ids": row[:n], "adapter": own.adapter})
-            shown = text if text.strip() else (f"(no text: the tokenizer has none for these {n} token ids: "
-                                               f"{' '.join(map(str, row[:n]))})")
+            shown = text
             asked = messages[-1]["content"]
             asked = asked if isinstance(asked, str) else " ".join(
                 p["text"] if p["type"] == "text" else f"<{p['type']}>" for p in asked)

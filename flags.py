@@ -208,6 +208,10 @@ class Config:
         5, "print a progress line every N optimizer steps (averages over those steps); metrics.jsonl "
         "gets every step"
     )
+    log_completions: int = _flag(
+        0, "at every eval, the first N held-out rows' greedy answers, the student's (LoRA on) and the teacher's "
+        "(LoRA off, its own prompt), with the reference: all in <output_dir>/completions.jsonl, the first in the log"
+    )
     report_to: str = _flag(
         "none", "also send the metrics to: none, or tensorboard (torch's SummaryWriter into "
         "<output_dir>/runs; needs the tensorboard package)", choices=("none", "tensorboard")
@@ -390,6 +394,7 @@ def _validate(c: Config) -> None:
     _check(0 <= c.adam_beta1 < 1, "adam_beta1", c.adam_beta1, "must be in [0, 1)")
     _check(0 <= c.adam_beta2 < 1, "adam_beta2", c.adam_beta2, "must be in [0, 1)")
     _check(c.adam_epsilon > 0, "adam_epsilon", c.adam_epsilon, "must be > 0")
+    _check(c.log_completions >= 0, "log_completions", c.log_completions, "must be >= 0 (0 = off)")
     _check(c.max_grad_norm >= 0, "max_grad_norm", c.max_grad_norm, "must be >= 0 (0 = no clipping)")
     _check(c.world_size is None or c.world_size > 0, "world_size", c.world_size, "must be > 0")
     _check(c.save_total_limit is None or c.save_total_limit >= 1, "save_total_limit",

@@ -87,7 +87,7 @@ if [ -z "${MODEL:-}" ]; then
           --lora_rank 8 --lora_alpha 16 --lora_dropout 0.05 --lora_target_modules ALL
           --max_completion_length 24 --lmbda 0.5 --temperature 2.0 --beta 0.5 --per_device_train_batch_size 4
           --learning_rate 3e-3 --warmup_ratio 0.05 --deepspeed zero3 --save_steps 20 --save_total_limit 2
-          --logging_steps 5)
+          --logging_steps 5 --log_completions 2)
     if [ "${DEMO:-}" = omni ]; then
         # cross-modal: the student hears and sees the media of data/sample_omni.jsonl, the teacher
         # (the same model, LoRA off) reads their transcripts and captions instead

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 
 METRICS_FILE, LOG_FILE, CURVE_FILE, ARGS_FILE = "metrics.jsonl", "train.log", "curve.png", "args.json"
+COMPLETIONS_FILE = "completions.jsonl"  # --log_completions
 
 
 class RunLog:

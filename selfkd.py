@@ -42,8 +42,8 @@ from generate import generate, sample_next
 from model_qwen3omni import SparseMoE, Thinker, ThinkerConfig, resolve_dtype
 from weights import checksum, held_here, load_weights, part_of
 from plan import data_report, fixed_point_warning, plan_run
-from runlog import ARGS_FILE, LOG, LOG_FILE, RUN, MetricsSink, Stopped, _Signals, first_eval, peak_memory_gib, \
-    progress_line, run_summary, write_curve_quietly
+from runlog import (ARGS_FILE, COMPLETIONS_FILE, LOG, LOG_FILE, RUN, MetricsSink, Stopped, _Signals, first_eval,
+                    peak_memory_gib, progress_line, run_summary, write_curve_quietly)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,6 +505,28 @@ def evaluate(engine, encoded_eval: list, batch_size: int, pad_id: int, beta: flo
     return all_reduce_sum(total, device) / max(1.0, all_reduce_sum(tokens, device))
 
 
+@torch.no_grad()
+def answer_triples(engine, rows: list, pad_id: int, sample) -> list[dict]:
+    """Greedy answers to `rows` (EncodedExamples): the student's (LoRA on, student prompt) and the
+    teacher's (LoRA off, teacher prompt), as token ids beside the prompt's and the reference's. Every
+    rank answers its share in lockstep (ZeRO-3: the same forward calls on every rank) and all get the
+    whole list. `sample(prompt_ids, prompt_mask, media_inputs) -> (ids, mask)`."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    share = math.ceil(len(rows) / world)
+    mine = rows[rank * share:(rank + 1) * share]
+    batch = collate(mine or rows[:1], pad_id)  # an empty share answers row 0 and keeps nothing
+    model = getattr(engine, "module", engine)
+    student = sample(batch.student_prompt_ids, batch.student_prompt_mask, batch.student_media)
+    with lora_disabled(model):
+        teacher = sample(batch.teacher_prompt_ids, batch.teacher_prompt_mask, batch.teacher_media)
+    found = [{"prompt_ids": e.student_prompt_ids, "reference_ids": e.completion_ids,
+              "student_ids": s[:int(ms.sum())].tolist(), "teacher_ids": t[:int(mt.sum())].tolist()}
+             for e, s, ms, t, mt in zip(mine, student[0], student[1], teacher[0], teacher[1])]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, found)
+    return [triple for part in everyone for triple in part]
+
+
 def to_device(batch: Batch, device) -> Batch:
     moved = {f.name: None if value is None else value.to(device)  # no media: None stays None
              for f in fields(batch) for value in [getattr(batch, f.name)] if f.name != "teacher_media"}
@@ -592,13 +614,36 @@ def train(cfg: Config) -> str:
         log("\n" + "!" * 100 + "\nWARNING: " + warning + "\n" + "!" * 100 + "\n")
     record = MetricsSink(cfg, rank)
 
-    def eval_jsd() -> float:
-        return evaluate(engine, encoded_eval, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta,
-                        cfg.temperature, device)
+    def eval_jsd(step: int) -> float:
+        value = evaluate(engine, encoded_eval, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta,
+                         cfg.temperature, device)
+        if cfg.log_completions:
+            log_completions(step)
+        return value
+
+    def log_completions(step: int):  # what the model answers now, beside what the teacher answers
+        def greedy(ids, mask, media_inputs):
+            return sample_completions(engine, ids.to(device), mask.to(device), None,
+                                      max_new_tokens=cfg.max_completion_length, temperature=0.0, top_k=0, top_p=1.0,
+                                      eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=cfg.gather_for_generation,
+                                      media_inputs=media_inputs and media_inputs.to(device))
+
+        triples = answer_triples(engine, encoded_eval[:cfg.log_completions], tok.pad_id, greedy)
+        if rank != 0:
+            return
+
+        text = tok.readable
+        with open(os.path.join(cfg.output_dir, COMPLETIONS_FILE), "a") as f:
+            for t in triples:
+                f.write(json.dumps({"step": step, **{k: text(t[f"{k}_ids"]) for k in
+                                                     ("prompt", "reference", "student", "teacher")}}) + "\n")
+        first = triples[0]
+        log(f"answers at step {step}: student {text(first['student_ids'])[:100]!r}; teacher "
+            f"{text(first['teacher_ids'])[:100]!r} (all in {COMPLETIONS_FILE})")
 
     eval_before = eval_after = eval_step = None
     if encoded_eval:
-        eval_before = eval_after = eval_jsd()
+        eval_before = eval_after = eval_jsd(start)
         eval_step = start
         log(f"eval JSD per token before step {start + 1}: {eval_before:.6f}")
         record({"step": start, "eval_jsd": eval_before})
@@ -649,7 +694,7 @@ def train(cfg: Config) -> str:
             if step == start:
                 log(f"step {step + 1} loss: {m['loss']:.6f} ({branch} completions)")
             if encoded_eval and ((step + 1) % cfg.eval_steps == 0 or step + 1 == total):  # always at the end
-                m["eval_jsd"] = eval_after = eval_jsd()
+                m["eval_jsd"] = eval_after = eval_jsd(step + 1)
                 eval_step = step + 1
             m["elapsed_s"] = time.time() - started
             record(m)
@@ -660,15 +705,16 @@ def train(cfg: Config) -> str:
                 log(progress_line(step + 1, total, window, time.time() - started, eta)
                     + (f"  eval_jsd {m['eval_jsd']:.5f}" if "eval_jsd" in m else ""))
                 window = []
+        state = {"step": step + 1, "rows_per_step": per_step}  # trainer_state.json
         if (result is not None and (step + 1) % cfg.save_steps == 0) or step + 1 == total:  # always at the end
-            last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1, "rows_per_step": per_step}, cfg.save_only_model,
+            last_save = save_checkpoint(engine, cfg.output_dir, step + 1, state, cfg.save_only_model,
                                         cfg.save_total_limit, log)
             saved_at = step + 1
         RUN.update(step=step + 1, last_save=last_save)
         if stop_requested(device):  # SIGTERM on any rank: all of them stop here, after a save
             if saved_at != step + 1:
-                last_save = save_checkpoint(engine, cfg.output_dir, step + 1, {"step": step + 1, "rows_per_step": per_step},
-                                            cfg.save_only_model, cfg.save_total_limit, log)
+                last_save = save_checkpoint(engine, cfg.output_dir, step + 1, state, cfg.save_only_model,
+                                            cfg.save_total_limit, log)
                 RUN.update(last_save=last_save)
             log(f"selfkd: stopped by SIGTERM at step {step + 1} of {total}: saved {last_save}; resume with "
                 "--resume_from_checkpoint latest", file=sys.stderr)
@@ -678,7 +724,7 @@ def train(cfg: Config) -> str:
             raise Stopped(143)
     if encoded_eval:
         if eval_step != total:  # the last step was skipped (non-finite)
-            eval_after = eval_jsd()
+            eval_after = eval_jsd(total)
         log(f"final eval JSD per token: {eval_after:.6f}")
     record.close()
     curve = write_curve_quietly(cfg.output_dir) if rank == 0 else None

@@ -47,7 +47,7 @@ SMALL = ["--dataset", f"{SAMPLE}#48", "--split_dataset_ratio", "0.1", "--torch_d
          "--max_length", "128", "--max_completion_length", "8", "--per_device_train_batch_size", "2",
          "--per_device_eval_batch_size", "4", "--learning_rate", "3e-3", "--lmbda", "0.5",
          "--teacher_sees_reference", "true", "--seed", "1", "--save_only_model", "false", "--max_steps", "8",
-         "--save_steps", "100", "--eval_steps", "4", "--logging_steps", "3"]
+         "--save_steps", "100", "--eval_steps", "4", "--logging_steps", "3", "--log_completions", "3"]
 
 
 def metrics(out):
@@ -241,6 +241,13 @@ def test_a_run_logs_every_step_and_ends_with_a_summary_and_a_curve(trained):
     assert (args["max_steps"], args["teacher_sees_transcript"], args["seq_kd"], args["save_total_limit"]) == \
         (8, False, False, 2)
     assert stdout.count("selfkd: GKD LoRA self-distillation") == 1  # rank 1 prints nothing
+    # --log_completions 3: at every eval the 3 first held-out rows' answers, student's and teacher's (rank 0 has
+    # rows 1-2, rank 1 row 3); the first of them in the log
+    answers = [json.loads(line) for line in open(os.path.join(out, "completions.jsonl"))]
+    assert [a["step"] for a in answers] == [0] * 3 + [4] * 3 + [8] * 3
+    assert all(set(a) == {"step", "prompt", "reference", "student", "teacher"} and a["prompt"] for a in answers)
+    assert answers[0]["prompt"] == answers[3]["prompt"] != answers[1]["prompt"]
+    assert re.search(r"^answers at step 8: student '.*'; teacher '.*' \(all in completions\.jsonl\)$", stdout, re.M)
 
 
 def test_curve_on_demand_for_any_output_dir(trained, tmp_path):

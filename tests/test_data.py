@@ -620,3 +620,13 @@ def test_special_token_text_in_a_row_matches_transformers(tmp_path, tok, hf_tok)
     hf_ids = hf_tok.apply_chat_template(ex.student_messages, tokenize=True, add_generation_prompt=True)["input_ids"]
     assert enc.student_prompt_ids == list(hf_ids)
     assert enc.student_prompt_ids.count(tok.im_end_id) == 2  # the injected one and the turn's own
+
+
+def test_readable_shows_the_ids_a_tokenizer_lacks(tok):
+    """The embedded default's tokenizer covers ~1,000 of the model's 152,064 ids: an id it lacks
+    shows as <id> (decode alone drops it), special tokens are left out."""
+    hello = tok.encode("hello world")
+    missing = next(i for i in range(tok.vocab_size) if tok.tokenizer.id_to_token(i) is None)
+    assert tok.readable(hello) == tok.decode(hello) == "hello world"
+    assert tok.readable(hello + [missing] + hello + tok.eos_ids[:1]) == f"hello world<{missing}>hello world"
+    assert tok.decode([missing]) == "" and tok.readable([missing, missing]) == f"<{missing}><{missing}>"
