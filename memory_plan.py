@@ -172,10 +172,10 @@ class ModelCounts:
 
 def meta_student(cfg, mcfg: ThinkerConfig) -> ModelCounts:
     """The thinker + LoRA exactly as selfkd.build_student makes it, on the meta device."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # the LoRA too: its random init would cost seconds at 30B and is not needed
         model = Thinker(mcfg)
-    inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, ",".join(cfg.lora_target_modules),
-                freeze_vit=cfg.freeze_vit, freeze_aligner=cfg.freeze_aligner)
+        inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, ",".join(cfg.lora_target_modules),
+                    freeze_vit=cfg.freeze_vit, freeze_aligner=cfg.freeze_aligner)
     named = [(n, p.numel(), p.requires_grad) for n, p in model.named_parameters()]
     return ModelCounts(mcfg, model, [(n, k) for n, k, g in named if not g], [(n, k) for n, k, g in named if g],
                        fetch_units(model))
