@@ -59,7 +59,8 @@ if __name__ == "__main__":
 
 import media  # noqa: E402
 from chat import EncodedExample, collate, encode_example, encode_examples, media_inputs, render_chat
-from data import DataError, inspect_dataset, load_dataset_specs
+from data import DataError, load_dataset_specs
+from inspect_data import inspect_dataset
 
 
 def run_hf(prompts, tok_dir, tmp):
