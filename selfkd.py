@@ -207,6 +207,13 @@ def init_distributed(cfg: Config):
         # pid so that two single-process runs on one machine (e.g. a test suite's) do not collide
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        # DeepSpeed JIT-compiles its shared-memory all-reduce at start wherever a C++ compiler exists
+        # (~30 s on the first start of every new install; nothing without a compiler), for its
+        # inference_all_reduce alone, which selfkd never calls: off, every machine starts alike.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.ddp_timeout))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -70,6 +70,14 @@ def zero3_engine(model_dir):
     return engine, sums
 
 
+def test_deepspeeds_shared_memory_op_is_not_built(one_rank_group):
+    """DeepSpeed would compile it at start where a compiler exists (for inference_all_reduce, which
+    selfkd never calls): every machine, with a compiler or not, starts without it."""
+    from deepspeed.comm import comm
+
+    assert comm.cdb is not None and comm.cdb.shm_comm_op is None
+
+
 @pytest.mark.parametrize("fp16", [False, True], ids=["accelerator_without_fp16", "accelerator_with_fp16"])
 def test_zero3_partitions_are_float32_and_equal_the_checkpoint(fp16, text_model_dir, one_rank_group, monkeypatch):
     from deepspeed.accelerator import get_accelerator
