@@ -364,7 +364,7 @@ def dtype_bytes(name: str) -> int:
 @dataclass
 class Run:
     """The sizes a plan is made of, from the flags, the config and the parameter counts."""
-    cfg: object  # selfkd.Config
+    cfg: object  # flags.Config
     counts: ModelCounts
     zero: Zero
     world: int
@@ -528,7 +528,7 @@ def save_phase(r: Run) -> Phase:
 
 def estimate(cfg, ds: dict, world: int, counts: ModelCounts, device: str = "cuda",
              persistent_numel: int = 0) -> MemoryPlan:
-    """The per-GPU plan for training flags `cfg` (selfkd.Config) with DeepSpeed config `ds`
+    """The per-GPU plan for training flags `cfg` (flags.Config) with DeepSpeed config `ds`
     (selfkd.deepspeed_config) on `world` processes; `counts` from meta_student. device "cpu"
     plans a CPU run: the loss's row blocks of 2 rows (not 64), its logits buffers held between steps.
     persistent_numel: under ZeRO-3, frozen tensors of at most this many elements are kept whole on
