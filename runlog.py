@@ -118,11 +118,14 @@ def progress_line(step: int, total: int, window: list[dict], elapsed: float, eta
 
 
 def run_summary(eval_before, eval_after, losses: list[float], seconds: float, adapter: str, curve: str | None,
-                logging_steps: int) -> list[str]:
-    """The last lines of a run: what changed, where everything is, what to do with it."""
+                logging_steps: int, cross_modal: bool = False) -> list[str]:
+    """The last lines of a run: what changed, where everything is, what to do with it. cross_modal:
+    every held-out student hears or sees media that its teacher reads as text, so the eval JSD is
+    the cross-modal gap, and the headline says so."""
     if eval_before is not None and eval_after is not None:
         change = f" ({(eval_after - eval_before) / eval_before:+.0%})" if eval_before > 0 else ""
-        what = f"eval JSD {eval_before:.4f} -> {eval_after:.4f}{change}"
+        what = (f"cross-modal gap (JSD, the student on the media vs the base on their text) {eval_before:.4f} -> "
+                f"{eval_after:.4f}{change}" if cross_modal else f"eval JSD {eval_before:.4f} -> {eval_after:.4f}{change}")
     elif losses:
         n = min(logging_steps, len(losses))
         first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
@@ -131,8 +134,9 @@ def run_summary(eval_before, eval_after, losses: list[float], seconds: float, ad
         what = "no step completed"
     head = f"{what} in {seconds:.0f} s; adapter: {adapter}" + (f"; curve: {curve}" if curve else "")
     cli = "bash run.sh" if os.environ.get("SELFKD_RUN_SH") else "python selfkd.py"
+    per_modality = " (the gap per modality, and how the answers agree)" if cross_modal else ""
     lines = [head + f"; load it with: {cli} generate --adapter {adapter} --prompts FILE",
-             f"  evaluate it: {cli} evaluate --adapter {adapter};  merge it into the base: "
+             f"  evaluate it: {cli} evaluate --adapter {adapter}{per_modality};  merge it into the base: "
              f"{cli} export --adapter {adapter} --out DIR"]
     if losses and max(abs(x) for x in losses) == 0.0 and (eval_after in (None, 0.0)):
         lines.append("NOTHING WAS LEARNED: the loss was exactly 0 at every step, so the adapter is still the base "

@@ -737,8 +737,10 @@ def train(cfg: Config) -> str:
     curve = write_curve_quietly(cfg.output_dir) if rank == 0 else None
     if plan.resume_step is not None and rank == 0:  # the closing line compares with the run's first eval
         eval_before = first_eval(cfg.output_dir, eval_before)
+    cross_modal = bool(encoded_eval) and all(e.student_media and e.teacher_media != e.student_media
+                                             and e.teacher_prompt_ids != e.student_prompt_ids for e in encoded_eval)
     for line in run_summary(eval_before, eval_after, losses, time.time() - started, last_save, curve,
-                            cfg.logging_steps):
+                            cfg.logging_steps, cross_modal):
         log(line)
     # tear the process group down explicitly: left to interpreter exit, its background threads
     # can abort the process ("terminate called without an active exception") after a good run

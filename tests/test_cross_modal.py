@@ -172,6 +172,9 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     out = run_selfkd(common + ["--output_dir", full])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "audio and vision towers" in out.stdout
+    # every held-out student hears or sees what its teacher reads: the headline is the cross-modal gap
+    assert re.search(r"^cross-modal gap \(JSD, the student on the media vs the base on their text\) \d\.\d{4} -> "
+                     r"\d\.\d{4} \([+-]\d+%\) in \d+ s; adapter: ", out.stdout, re.M), out.stdout[-2000:]
     straight = metrics(full)
     assert [m["step"] for m in straight] == [1, 2, 3, 4]
     assert {m["branch"] for m in straight} == {"on-policy", "dataset"}
