@@ -293,18 +293,18 @@ def check_weights(engine, sums: dict, dtype) -> str:
             problems.append(f"{name} is {dtype_name(mine.dtype)}, asked {dtype_name(dtype)}")
         elif name not in lora and checksum(mine) != sums.get(name):
             problems.append(f"{name}: this rank's {held} differs from its slice of the checkpoint (checksum)")
-    zero = engine.optimizer  # ZeRO-3's flat fp32 partitions, ZeRO-1/2's; without ZeRO the LoRA weights themselves
-    masters = (getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups",
-                                                                              None) or list(lora.values()))
+    zero = engine.optimizer  # its fp32 master partitions: ZeRO-3's flat ones, ZeRO-1/2's
+    masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups",
+                                                                             None) or []
     problems += [f"the optimizer's master copy is {dtype_name(m.dtype)}, expected float32"
-                 for m in masters[:1] if m.dtype != torch.float32]
+                 for m in masters if m.dtype != torch.float32][:1]
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, problems)
-    found = [f"rank {r}: {p}" for r, mine in enumerate(everyone) for p in mine]
+    found = [f"rank {r}: {p}" for r, theirs in enumerate(everyone) for p in theirs]
     if found:
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise TrainingAborted(f"the model as built is not what was asked: {found[0]}{more}")
-    master = dtype_name(masters[0].dtype) if masters else "none"
+    master = dtype_name(masters[0].dtype) if masters else "not checked (no ZeRO-1/2/3 partitions)"
     return (f"runs: base {dtype_name(dtype)} {asked}, {len(sums)} tensors equal to the checkpoint on every rank; "
             f"LoRA {dtype_name(dtype)}; optimizer master {master}")
 
