@@ -238,6 +238,12 @@ class EncodedExample:
     teacher_media: list[Media] = field(default_factory=list)  # the teacher prompt's (may differ)
 
 
+def reads_the_media(e: EncodedExample) -> bool:
+    """Whether the student hears or sees media that the teacher gets otherwise (--teacher_sees_transcript
+    true, teacher_messages): a cross-modal row, whose divergence is the cross-modal gap."""
+    return bool(e.student_media) and e.teacher_media != e.student_media and e.teacher_prompt_ids != e.student_prompt_ids
+
+
 # The media markers and placeholders, as the chat template writes them and the processor expands them.
 MEDIA_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
                 "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>")

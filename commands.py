@@ -25,9 +25,9 @@ from typing import NoReturn
 import torch
 
 import memory_plan
-from chat import collate, encode_examples, encode_prompt, load_tokenizer, media_inputs
+from chat import encode_examples, encode_prompt, load_tokenizer, media_inputs, reads_the_media
 from checkpoints import complete_checkpoints
-from data import DataError, load_dataset_specs
+from data import DataError, _attach_media, _parse_row, load_dataset_specs
 from flags import (COMMANDS, DESCRIPTION, USAGE, Config, ConfigError, TrainingAborted, _build_parser, _HelpFormatter,
                    _Parser, _unknown_flags_message, _validate, fail, from_args_json, parse_args,
                    parse_bool)
@@ -36,7 +36,7 @@ from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, 
 from model_qwen3omni import Thinker, resolve_dtype
 from plan import data_report, plan_run
 from runlog import ARGS_FILE, LOG, RUN, Stopped, _on_sigint, _on_sigterm, _Signals
-from selfkd import ZERO3_PERSISTENT_NUMEL, deepspeed_config, evaluate, sample_completions, to_device, train
+from selfkd import ZERO3_PERSISTENT_NUMEL, answers, deepspeed_config, evaluate, sample_completions, train
 from tiny import ensure_default_model
 from weights import load_thinker
 
@@ -229,15 +229,6 @@ def token_f1(a: list[int], b: list[int]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def greedy_answers(model, prompt_ids, prompt_mask, media, cfg: Config, tok) -> list[list[int]]:
-    """Greedy completions (token ids up to the first end of turn) of a batch of prompts."""
-    generator = torch.Generator(device=prompt_ids.device)
-    ids, mask = sample_completions(model, prompt_ids, prompt_mask, generator, max_new_tokens=cfg.max_completion_length,
-                                   temperature=0.0, top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                                   gather=False, media_inputs=media)
-    return [[t for t in row[:n] if t not in tok.eos_ids] for row, n in zip(ids.tolist(), mask.sum(1).tolist())]
-
-
 def cross_modal_gap(engine, encoded: list, cfg: Config, tok, device, with_adapter: bool) -> list[str]:
     """For rows whose student hears or sees media that the teacher reads as text (a teacher view:
     --teacher_sees_transcript, teacher_messages), per modality: the JSD between the student on the
@@ -246,9 +237,20 @@ def cross_modal_gap(engine, encoded: list, cfg: Config, tok, device, with_adapte
     distillation is for: the gap closes when the model answers from sound and pixels as it does
     from text."""
     model = engine.module
-    views = [e for e in encoded if e.student_media and e.teacher_prompt_ids != e.student_prompt_ids]
+    views = [e for e in encoded if reads_the_media(e)]
     if not views:
         return []
+
+    def greedy(ids, mask, media):
+        return sample_completions(model, ids.to(device), mask.to(device), None, max_new_tokens=cfg.max_completion_length,
+                                  temperature=0.0, top_k=0, top_p=1.0, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                  gather=False, media_inputs=media and media.to(device))
+
+    def answered(rows, side):  # greedy answers, a batch at a time, without the end of turn
+        found = [a for first in range(0, len(rows), cfg.per_device_eval_batch_size)
+                 for a in answers(rows[first:first + cfg.per_device_eval_batch_size], side, tok.pad_id, greedy)]
+        return [[t for t in a if t not in tok.eos_ids] for a in found]
+
     lines = [f"cross-modal gap, {len(views)} rows with a teacher view (student on the media vs the base on their "
              f"text): JSD per token, then greedy answers' exact match and token F1, base" +
              (" -> adapter" if with_adapter else "")]
@@ -256,21 +258,14 @@ def cross_modal_gap(engine, encoded: list, cfg: Config, tok, device, with_adapte
         rows = [e for e in views if any(m.kind == kind for m in e.student_media)]
         if not rows:
             continue
-        teacher = []  # the base's answers from the text: the same for the base and the adapter
-        with lora_disabled(model):
-            for first in range(0, len(rows), cfg.per_device_eval_batch_size):
-                b = to_device(collate(rows[first:first + cfg.per_device_eval_batch_size], tok.pad_id), device)
-                teacher += greedy_answers(model, b.teacher_prompt_ids, b.teacher_prompt_mask, b.teacher_media, cfg, tok)
+        with lora_disabled(model):  # the base's answers from the text: the same for the base and the adapter
+            teacher = answered(rows, "teacher")
         figures = []
         for adapter_on in ([False, True] if with_adapter else [False]):
             with (nullcontext() if adapter_on else lora_disabled(model)):
                 gap = evaluate(engine, rows, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta, cfg.temperature,
                                device)
-                student = []
-                for first in range(0, len(rows), cfg.per_device_eval_batch_size):
-                    b = to_device(collate(rows[first:first + cfg.per_device_eval_batch_size], tok.pad_id), device)
-                    student += greedy_answers(model, b.student_prompt_ids, b.student_prompt_mask, b.student_media,
-                                              cfg, tok)
+                student = answered(rows, "student")
             exact = sum(s == t for s, t in zip(student, teacher)) / len(rows)
             f1 = sum(token_f1(s, t) for s, t in zip(student, teacher)) / len(rows)
             figures.append((gap, exact, f1))
@@ -301,7 +296,7 @@ def read_prompts(path: str) -> list[tuple[list[dict], dict]]:
             row = {"prompt": row}
         if not isinstance(row, dict):
             raise ConfigError(f"--prompts {path}: row {i}: expected a string or an object")
-        if media_prompt(row):
+        if has_media(row):
             prompts.append(media_prompt(row, f"{path}:{i}", os.path.dirname(path)))
             continue
         if isinstance(row.get("messages"), list):
@@ -320,17 +315,17 @@ def read_prompts(path: str) -> list[tuple[list[dict], dict]]:
     return prompts
 
 
-def media_prompt(row: dict, source: str | None = None, base_dir: str = "."):
-    """Without a source: whether a prompt row has media. With it: (its prompt turns, their media
-    items read and preprocessed), parsed as a dataset row is (the answer a dataset row needs is
-    not asked for)."""
+def has_media(row: dict) -> bool:
+    """Whether a prompt row brings media: ms-swift's lists, or content parts of a media type."""
     parts = [part for m in row.get("messages") or [] if isinstance(m, dict) and isinstance(m.get("content"), list)
              for part in m["content"]]
-    if source is None:
-        return any(row.get(key) for key in ("images", "audios", "videos")) or any(
-            isinstance(part, dict) and part.get("type") in ("image", "audio", "video") for part in parts)
-    from data import _attach_media, _parse_row
+    return any(row.get(key) for key in ("images", "audios", "videos")) or any(
+        isinstance(part, dict) and part.get("type") in ("image", "audio", "video") for part in parts)
 
+
+def media_prompt(row: dict, source: str, base_dir: str) -> tuple[list[dict], dict]:
+    """(a prompt row's turns, their media items read and preprocessed), parsed as a dataset row is
+    (the answer a dataset row needs is not asked for)."""
     row = dict(row)
     if isinstance(row.get("messages"), list) and (not row["messages"] or row["messages"][-1].get("role") != "assistant"):
         row["messages"] = [*row["messages"], {"role": "assistant", "content": "(the answer to generate)"}]

@@ -609,7 +609,8 @@ def _pad_row_clips(ex: Example) -> None:
     the features one processor call gives them, as ms-swift hands all of a row's sounds to the
     processor at once: padded to the row's longest (media.log_mel_row), so a shorter clip may get
     one more frame and token than alone. The row gets its own copies of those items; the shared,
-    cached ones keep the features of each clip alone."""
+    cached ones keep the features of each clip alone. The sounds are decoded a second time here
+    (the cache keeps features, not waveforms, which would double its memory), for such rows only."""
     sounds = [(key, item) for key, item in ex.media.items() if item.features is not None]
     if len({item.samples for _, item in sounds}) < 2:
         return

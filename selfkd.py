@@ -34,7 +34,7 @@ import torch
 
 import memory_plan
 from checkpoints import load_checkpoint, prepare_output_dir, save_checkpoint
-from chat import Batch, collate, join_prompt_completion
+from chat import Batch, collate, join_prompt_completion, reads_the_media
 from flags import DEEPSPEED_PRESETS, Config, ConfigError, TrainingAborted, args_json
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import inject_lora, lora_disabled, lora_parameters
@@ -513,25 +513,21 @@ def evaluate(engine, encoded_eval: list, batch_size: int, pad_id: int, beta: flo
 
 
 @torch.no_grad()
-def answer_triples(engine, rows: list, pad_id: int, sample) -> list[dict]:
-    """Greedy answers to `rows` (EncodedExamples): the student's (LoRA on, student prompt) and the
-    teacher's (LoRA off, teacher prompt), as token ids beside the prompt's and the reference's. Every
-    rank answers its share in lockstep (ZeRO-3: the same forward calls on every rank) and all get the
-    whole list. `sample(prompt_ids, prompt_mask, media_inputs) -> (ids, mask)`."""
+def answers(rows: list, side: str, pad_id: int, sample) -> list[list[int]]:
+    """Answers to `rows` (EncodedExamples) from their `side` ("student" or "teacher") prompts, as
+    token ids up to and including the end of turn, from the model as it is (LoRA on or off is the
+    caller's). Every rank answers its share in lockstep (ZeRO-3: the same forward calls on every
+    rank) and all get the whole list. `sample(prompt_ids, prompt_mask, media_inputs) -> (ids, mask)`."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     share = math.ceil(len(rows) / world)
     mine = rows[rank * share:(rank + 1) * share]
     batch = collate(mine or rows[:1], pad_id)  # an empty share answers row 0 and keeps nothing
-    model = getattr(engine, "module", engine)
-    student = sample(batch.student_prompt_ids, batch.student_prompt_mask, batch.student_media)
-    with lora_disabled(model):
-        teacher = sample(batch.teacher_prompt_ids, batch.teacher_prompt_mask, batch.teacher_media)
-    found = [{"prompt_ids": e.student_prompt_ids, "reference_ids": e.completion_ids,
-              "student_ids": s[:int(ms.sum())].tolist(), "teacher_ids": t[:int(mt.sum())].tolist()}
-             for e, s, ms, t, mt in zip(mine, student[0], student[1], teacher[0], teacher[1])]
+    ids, mask = sample(getattr(batch, f"{side}_prompt_ids"), getattr(batch, f"{side}_prompt_mask"),
+                       getattr(batch, f"{side}_media"))
+    found = [row[:n] for row, n in zip(ids.tolist(), mask.sum(1).tolist())][:len(mine)]
     everyone = [None] * world
     torch.distributed.all_gather_object(everyone, found)
-    return [triple for part in everyone for triple in part]
+    return [answer for part in everyone for answer in part]
 
 
 def to_device(batch: Batch, device) -> Batch:
@@ -635,18 +631,19 @@ def train(cfg: Config) -> str:
                                       eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=cfg.gather_for_generation,
                                       media_inputs=media_inputs and media_inputs.to(device))
 
-        triples = answer_triples(engine, encoded_eval[:cfg.log_completions], tok.pad_id, greedy)
+        rows = encoded_eval[:cfg.log_completions]
+        student = answers(rows, "student", tok.pad_id, greedy)
+        with lora_disabled(model):
+            teacher = answers(rows, "teacher", tok.pad_id, greedy)
         if rank != 0:
             return
-
         text = tok.readable
         with open(os.path.join(cfg.output_dir, COMPLETIONS_FILE), "a") as f:
-            for t in triples:
-                f.write(json.dumps({"step": step, **{k: text(t[f"{k}_ids"]) for k in
-                                                     ("prompt", "reference", "student", "teacher")}}) + "\n")
-        first = triples[0]
-        log(f"answers at step {step}: student {text(first['student_ids'])[:100]!r}; teacher "
-            f"{text(first['teacher_ids'])[:100]!r} (all in {COMPLETIONS_FILE})")
+            for e, s, t in zip(rows, student, teacher):
+                f.write(json.dumps({"step": step, "prompt": text(e.student_prompt_ids),
+                                    "reference": text(e.completion_ids), "student": text(s), "teacher": text(t)}) + "\n")
+        log(f"answers at step {step}: student {text(student[0])[:100]!r}; teacher {text(teacher[0])[:100]!r} "
+            f"(all in {COMPLETIONS_FILE})")
 
     eval_before = eval_after = eval_step = None
     if encoded_eval:
@@ -737,8 +734,7 @@ def train(cfg: Config) -> str:
     curve = write_curve_quietly(cfg.output_dir) if rank == 0 else None
     if plan.resume_step is not None and rank == 0:  # the closing line compares with the run's first eval
         eval_before = first_eval(cfg.output_dir, eval_before)
-    cross_modal = bool(encoded_eval) and all(e.student_media and e.teacher_media != e.student_media
-                                             and e.teacher_prompt_ids != e.student_prompt_ids for e in encoded_eval)
+    cross_modal = bool(encoded_eval) and all(map(reads_the_media, encoded_eval))
     for line in run_summary(eval_before, eval_after, losses, time.time() - started, last_save, curve,
                             cfg.logging_steps, cross_modal):
         log(line)
