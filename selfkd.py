@@ -249,8 +249,9 @@ def build_student(cfg: Config, ds: dict, dtype, device, log, towers: bool = Fals
     names, sums = {p: n for n, p in model.named_parameters()}, {}
 
     def assign(param, value):  # this rank's part of a checkpoint tensor, as asked: cast, copied, summed
-        mine = part_of(param, value).to(device=held_here(param).device, dtype=dtype)
-        held_here(param).copy_(mine)
+        here = held_here(param)
+        mine = part_of(param, value).to(device=here.device, dtype=dtype)
+        here.copy_(mine)
         sums[names[param]] = checksum(mine)
 
     load_weights(model, cfg.model, assign=assign)
