@@ -131,8 +131,7 @@ class ChatTokenizer:
 
     def readable(self, ids) -> str:
         """Text of ids (special tokens left out) where an id the vocabulary lacks shows as <id>
-        instead of vanishing: a tokenizer may cover fewer ids than the model emits (the embedded
-        default's tiny one covers ~1,000 of 152,064)."""
+        instead of vanishing: a tokenizer may cover fewer ids than the model's embedding has rows."""
         out, run = [], []
         for i in map(int, ids):
             if self.tokenizer.id_to_token(i) is None:

@@ -10,8 +10,8 @@ the released model at toy width and complete, so everything that reads a real ch
   (thinker.model.*, thinker.audio_tower.*, thinker.visual.*);
 * a Qwen2 tokenizer (vocab.json, merges.txt, tokenizer_config.json) with a small byte-level BPE trained
   on the bundled sample data, whose special tokens carry their REAL Qwen3-Omni ids (<|im_end|> 151645,
-  <|image_pad|> 151655, <|audio_pad|> 151675, ...): the embedding has the released 152064 rows and the
-  ids between the BPE vocabulary and 151643 are unused;
+  <|image_pad|> 151655, <|audio_pad|> 151675, ...): the embedding has the released 152064 rows, and the
+  rows the BPE leaves without text get words run together (`filler_tokens`), so completions read as words;
 * chat_template.json and preprocessor_config.json (the released preprocessing values).
 
 Read top to bottom: the tokenizer -> the model config -> random weights -> ensure_default_model.
@@ -19,8 +19,10 @@ Random checkpoints of other sizes for the tests come from `write_random_checkpoi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -36,7 +38,7 @@ from towers import AudioConfig, VisionConfig
 
 # Bumped whenever what this file writes changes, so that a cached default from an older version is
 # never picked up (ensure_default_model only checks that a checkpoint is there).
-TINY_VERSION = 2
+TINY_VERSION = 3
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache",
                                  f"tiny-qwen3-omni-v{TINY_VERSION}")
 
@@ -100,7 +102,8 @@ def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012, real_ids: bool = T
     The added tokens get their real ids (QWEN_TOKEN_IDS), far above the BPE ids. They are listed
     in vocab.json at those ids as well as in tokenizer_config.json's added_tokens_decoder: an added
     token that the vocabulary already holds keeps the vocabulary's id, in `tokenizers` (data.py's
-    load_tokenizer) and in transformers alike, where a new one would take the next free id.
+    load_tokenizer) and in transformers alike, where a new one would take the next free id. The ids
+    left between them get filler_tokens: the vocabulary covers all 152064 rows of the embedding.
     real_ids=False puts them right after the BPE ids instead (a 1024-id vocabulary): a text-only
     model that small runs the loss and sampling 6x faster on CPU, which the trainer's own tests use.
     """
@@ -130,6 +133,9 @@ def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012, real_ids: bool = T
     first = len(vocab)
     ids = QWEN_TOKEN_IDS if real_ids else {content: first + i for i, (content, _) in enumerate(QWEN_ADDED_TOKENS)}
     vocab.update(ids)
+    if real_ids:  # every row of the released embedding gets text, so whatever the model emits reads as words
+        unused = sorted(set(range(ThinkerConfig.vocab_size)) - set(vocab.values()))
+        vocab.update(zip(filler_tokens(vocab, len(unused), texts), unused))
     with open(vocab_file, "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
     added_tokens_decoder = {
@@ -163,6 +169,27 @@ def write_tiny_tokenizer(out_dir, bpe_vocab_size: int = 1012, real_ids: bool = T
         json.dump(config, f, ensure_ascii=False, indent=2)
     with open(os.path.join(out_dir, "chat_template.json"), "w", encoding="utf-8") as f:
         json.dump({"chat_template": CHAT_TEMPLATE}, f, ensure_ascii=False, indent=2)
+
+
+def filler_tokens(vocab: dict[str, int], count: int, texts: list[str]) -> list[str]:
+    """`count` new tokens, each two or three of the vocabulary's words run together (" capital of",
+    " hours the larger", ...), in a fixed order; a word is a token " word" whose word `texts` use whole.
+
+    They give text to the embedding rows a small BPE leaves without any (the released model has
+    152,064; the BPE ~1,000), so that a random tiny model's completions print as words, not ids.
+    No merge produces them, so encoding is unchanged: they are only ever decoded."""
+    used = set(re.findall("[A-Za-z]+", " ".join(texts)))
+    words = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])
+             if re.fullmatch("Ġ[A-Za-z]+", t) and t[1:] in used]  # Ġ: the byte-level space
+    fillers = []
+    for n in (2, 3):
+        for parts in itertools.product(words, repeat=n):
+            token = "".join(parts)
+            if token not in vocab:
+                fillers.append(token)
+                if len(fillers) == count:
+                    return fillers
+    raise ValueError(f"{len(words)} whole words make fewer than {count} filler tokens")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -209,9 +209,14 @@ def test_two_process_zero3_with_media_rows_both_branches_and_exact_resume(tiny_m
     finally:
         os.remove(prompts)
     assert made.returncode == 0, made.stderr[-3000:]
-    got = [json.loads(line)["completion_ids"] for line in open(tmp_path / "gen.jsonl")]
+    made_rows = [json.loads(line) for line in open(tmp_path / "gen.jsonl")]
+    got = [r["completion_ids"] for r in made_rows]
     assert "### 1: <image> What shape is in the picture?" in made.stdout and "### 2: <audio> What was said?" in made.stdout
+    # the embedded default's tokenizer has text for every id: the completions print as words, no <id>
     tok = load_tokenizer(tiny_model_dir)
+    for r in made_rows:
+        assert r["completion"] and all(tok.tokenizer.id_to_token(i) is not None for i in r["completion_ids"]), r
+        assert r["completion"] == tok.decode(r["completion_ids"], skip_special_tokens=True) in made.stdout
     for row in rows:
         row["messages"] = row["messages"] + [{"role": "assistant", "content": "x"}]
     with open(tmp_path / "as_data.jsonl", "w") as f:

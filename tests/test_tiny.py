@@ -39,11 +39,25 @@ def test_files_and_tokenizer_layout(tiny_model_dir, tok):
     assert {spec["content"]: int(i) for i, spec in config["added_tokens_decoder"].items()} == QWEN_TOKEN_IDS
     # the real ids: ChatML, the media placeholders and markers
     assert (tok.pad_id, tok.im_start_id, tok.im_end_id) == (151643, 151644, 151645)
-    assert tok.eos_ids == [151645, 151643] and tok.vocab_size == 151676
+    assert tok.eos_ids == [151645, 151643] and tok.vocab_size == 152064  # the embedding's rows
     text = "<|vision_start|><|image_pad|><|video_pad|><|vision_end|><|audio_start|><|audio_pad|><|audio_end|>"
     assert tok.encode(text) == [151652, 151655, 151656, 151653, 151669, 151675, 151670]
     vocab = json.load(open(os.path.join(tiny_model_dir, "vocab.json"), encoding="utf-8"))
-    assert sorted(vocab.values()) == list(range(BPE_SIZE)) + sorted(QWEN_TOKEN_IDS.values())
+    assert sorted(vocab.values()) == list(range(152064))  # BPE, fillers and the special tokens
+    merges = open(os.path.join(tiny_model_dir, "merges.txt"), encoding="utf-8").read().splitlines()
+    assert len(merges) == 1 + BPE_SIZE - 256  # a header line, then the merges: fillers have none
+
+
+def test_every_id_the_model_can_emit_reads_as_words(tiny_model_dir, tok):
+    """The rows between the BPE and the special tokens decode to whole words (filler_tokens), here
+    and in transformers, and text still encodes into the BPE alone."""
+    from transformers import AutoTokenizer
+
+    rows = [BPE_SIZE, 5000, 100000, 151642, 151700, 152063]
+    text = tok.readable(rows)
+    assert text == AutoTokenizer.from_pretrained(tiny_model_dir).decode(rows) and "<" not in text
+    assert all(word.isalpha() for word in text.split()) and len(text.split()) >= 2 * len(rows)
+    assert all(i < BPE_SIZE for i in tok.encode(text)) and tok.decode(tok.encode(text)) == text
 
 
 def test_sample_data_tokenises_into_the_small_bpe(tok):
