@@ -36,7 +36,8 @@ from lora import (ADAPTER_CONFIG, ADAPTER_EXTRAS, ADAPTER_WEIGHTS, ALL_TARGETS, 
 from model_qwen3omni import Thinker, resolve_dtype
 from plan import data_report, plan_run
 from runlog import ARGS_FILE, LOG, RUN, Stopped, _on_sigint, _on_sigterm, _Signals
-from selfkd import ZERO3_PERSISTENT_NUMEL, answers, deepspeed_config, evaluate, sample_completions, train
+from selfkd import (ZERO3_PERSISTENT_NUMEL, answers, compiled_decode, deepspeed_config, evaluate, sample_completions,
+                    train)
 from tiny import ensure_default_model
 from weights import load_thinker
 
@@ -343,6 +344,7 @@ def generate_command(argv: list[str]) -> None:
     device = _device()
     model = load_model(cfg, own.adapter, cfg.torch_dtype, device, media=any(items for _, items in prompts))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    step = compiled_decode(model, cfg.compile_decode, device, lambda line: print(line, flush=True))
     results = []
     for first in range(0, len(prompts), cfg.per_device_eval_batch_size):
         chunk = prompts[first:first + cfg.per_device_eval_batch_size]
@@ -354,7 +356,7 @@ def generate_command(argv: list[str]) -> None:
         completions, done = sample_completions(
             model, ids, mask, generator, max_new_tokens=own.max_new_tokens or cfg.max_completion_length,
             temperature=cfg.temperature if own.do_sample else 0.0, top_k=cfg.top_k, top_p=cfg.top_p,
-            eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False, media_inputs=media and media.to(device))
+            eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=False, media_inputs=media and media.to(device), step=step)
         for (messages, _), row, n in zip(chunk, completions.tolist(), done.sum(1).tolist()):
             text = tok.readable(row[:n])  # ids the tokenizer lacks as <id>
             results.append({"prompt": messages, "completion": text, "completion_ids": row[:n], "adapter": own.adapter})

@@ -187,6 +187,12 @@ class Config:
         "gather the ZeRO-3 weights once per generation instead of at every decode step "
         "(much faster; costs one full bf16 copy of the model per GPU)",
     )
+    compile_decode: str = _flag(
+        "auto",
+        "torch.compile the decode step of sampling (on a GPU with CUDA graphs): true | false | auto (on a "
+        "GPU only: on CPU, compiling costs more than a short run saves). Same tokens either way",
+        choices=("auto", "true", "false"),
+    )
     estimate_memory: bool = _flag(
         False, "print what each GPU will hold, phase by phase (parameters, optimizer state, ZeRO-3's gathered "
         "weights, activations, loss, generation, checkpoint save), from config.json alone (no weights), and "

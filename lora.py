@@ -124,9 +124,10 @@ class LoRAExperts(Experts):
     """Stacked experts with per-expert LoRA on the fused gate|up and on the down projections,
     `lora[which]` for `which` in gate_up_proj, down_proj (the stacked weight it adapts).
 
-    Both expert paths of Experts get the delta: `project` inside the per-expert loop (the spec),
+    Every expert path of Experts gets the delta: `project` inside the per-expert loop (the spec),
     `grouped_project` as two more grouped matmuls per projection (x A^T, then B^T), so LoRA adds
-    4 grouped kernels per pass instead of ~6 ops per expert. With dropout the two paths draw
+    4 grouped kernels per pass instead of ~6 ops per expert, and `routed_project` (decoding) from
+    the A and B stacks indexed like the weights. With dropout the two paths draw
     different masks (the loop per expert, the grouped path once over all rows): same
     distribution, other random numbers."""
 
@@ -174,6 +175,15 @@ class LoRAExperts(Experts):
                     t.register_hook(partial(_zero_unused_experts, unused))
             h = grouped_mm(branch.dropout(x.to(At.dtype)), At, offsets)  # [S, r]
             y = y + (grouped_mm(h, Bt, offsets) * branch.scaling).to(y.dtype)
+        return y
+
+
+    def routed_project(self, x, ids, which: str):
+        y = super().routed_project(x, ids, which)  # [N, K, out]
+        if self.lora_on():
+            branch = self.lora[which]
+            h = torch.einsum("nki,nkri->nkr", branch.dropout(x.to(branch.A.dtype)), branch.A[ids])  # [N, K, r]
+            y = y + (torch.einsum("nkr,nkor->nko", h, branch.B[ids]) * branch.scaling).to(y.dtype)
         return y
 
 

@@ -284,6 +284,25 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def at(self, index) -> "CacheSlot":
+        """The cache as a static decode step sees it (Thinker.decode_step): write at `index`."""
+        return CacheSlot(self, index)
+
+
+class CacheSlot:
+    """One decode step's view of a KVCache: the new token's k, v [B, kvH, 1, D] go to position
+    `index` ([1] long tensor, on the device), and attention reads the whole preallocated cache
+    [B, kvH, max_len, D], its mask hiding what is not written yet. Every decode step then has the
+    same shapes and no Python integer in it, so one compiled graph (or CUDA graph) serves them all."""
+
+    def __init__(self, cache: KVCache, index):
+        self.cache, self.index = cache, index
+
+    def update(self, layer: int, k, v):
+        self.cache.k[layer].index_copy_(2, self.index, k)
+        self.cache.v[layer].index_copy_(2, self.index, v)
+        return self.cache.k[layer], self.cache.v[layer]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ThinkerConfig, layer_idx: int):
@@ -347,6 +366,7 @@ class Experts(nn.Module):
                `grouped_project` is its hook for lora.py.
     `grouped`: None picks per call (`use_grouped`: grouped on CUDA in bf16, the loop elsewhere);
     True / False force one (tests run both on CPU and hold the grouped path to the loop).
+    A third way serves a few tokens at a time (decoding), where neither pays: `forward_routed`.
     """
 
     grouped: bool | None = None
@@ -407,6 +427,22 @@ class Experts(nn.Module):
         # [S, in] @ per expert [in, out] (the stack [E, out, in] transposed: a view, no copy) -> [S, out]
         return grouped_mm(x, getattr(self, which).transpose(1, 2), offsets)
 
+    # -- a few tokens (decoding): each row times its own experts' weights, indexed out of the stacks
+
+    def forward_routed(self, x, expert_ids):
+        """x [N, H], expert_ids [N, K] -> [N, K, H]: each token through each of its K experts.
+        Reads only the routed experts' weights (a copy of them: the stacks indexed by the ids),
+        in ~5 ops whatever the expert count, with no host sync and shapes fixed by N: what a
+        decode step wants, and what torch.compile can capture (the loop's counts cannot be traced,
+        grouped_mm's kernels take bf16 only). SparseMoE takes it when N * K <= E."""
+        x = x[:, None].expand(-1, expert_ids.shape[1], -1)  # [N, K, H]: a view
+        gate, up = self.routed_project(x, expert_ids, "gate_up_proj").chunk(2, dim=-1)  # [N, K, I] each
+        return self.routed_project(F.silu(gate) * up, expert_ids, "down_proj")  # [N, K, H]
+
+    def routed_project(self, x, ids, which: str):
+        # x [N, K, in], row (n, k) times expert ids[n, k]'s [out, in]^T -> [N, K, out]
+        return torch.einsum("nki,nkoi->nko", x, getattr(self, which)[ids])
+
 
 def grouped_mm(x, w, offsets):
     """x [S, in], w [E, in, out], offsets [E] int32 (end of each group's rows) -> [S, out]: rows
@@ -458,6 +494,10 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
+        if x.shape[0] * self.top_k <= self.experts.num_experts and not self.experts.use_grouped(x):
+            # a few tokens (a decode step): each through its own experts, the others not read
+            y = self.experts.forward_routed(x, expert_ids)  # [N, K, H]
+            return (y * weights[..., None]).sum(dim=1).view(B, T, H)
         # group the N*K (token, expert) pairs by expert
         flat_ids = expert_ids.reshape(-1)  # [N*K]
         order = torch.argsort(flat_ids, stable=True)
@@ -542,14 +582,28 @@ def roll_rows(t, shift):
 
 
 class LMHead(nn.Linear):
-    """The output projection [H] -> [V]. A few rows at a time (decoding) on CPU are computed
-    as (W @ x^T)^T: MKL's small-M path for x @ W^T takes twice as long there (4 rows x 152064,
-    BENCHMARKS.md). Being the module's own forward, ZeRO-3's hooks still gather the weight."""
+    """The output projection [H] -> [V]. Decoding on CPU (a few fp32 rows, no gradient) reads its
+    152064 x H weight once per token, and that read is most of a decode step: there it runs MKL's
+    GEMM on a copy of the weight packed once for that row count (torch.ops.mkl, as inductor's CPU
+    path for frozen weights), ~1.8x faster than the plain call at 4 rows (BENCHMARKS.md). The
+    packed copy follows the weight: made again when its storage, version or the row count changes.
+    Being the module's own forward, ZeRO-3's hooks still gather the weight."""
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 16:
-            return torch.mm(self.weight, x.t()).t().contiguous()  # [V, B] -> [B, V]
+        if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 16 and x.dtype == self.weight.dtype
+                == torch.float32 and not (torch.is_grad_enabled() and self.weight.requires_grad)
+                and torch.backends.mkl.is_available()):
+            return torch.ops.mkl._mkl_linear(x, self.packed(x.shape[0]), self.weight, None, x.shape[0])
         return super().forward(x)
+
+    @torch.compiler.disable
+    def packed(self, rows: int):
+        key = (rows, self.weight.data_ptr(), self.weight._version)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed = None  # the old copy goes before the new one is made
+            self._packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows)
+            self._packed_key = key
+        return self._packed
 
 
 @dataclass
@@ -823,3 +877,24 @@ class Thinker(nn.Module):
             cache.length += T
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def decode_step(self, ids, positions, cache: KVCache, index, key_valid):
+        """One token per row after a prefill, in static shapes: generate.py's decoding loop calls
+        it (compiled with --compile_decode). ids [B, 1]; positions [B, 1], or [3, B, 1] for MRoPE;
+        index [1] long: the cache position the token is written to; key_valid [B, max_len] bool,
+        the cache positions that hold a real token, updated here for this one.
+
+        The same arithmetic as forward(ids, mask, cache) at that point, but attention reads the
+        whole cache under the key_valid mask instead of a slice as long as the tokens so far.
+        Returns the last hidden states [B, H], normed: the caller applies lm_head (on CPU it runs a
+        packed MKL kernel that torch.compile leaves alone)."""
+        key_valid.index_fill_(1, index, True)
+        x = self.embed_tokens(ids)  # [B, 1, H]
+        if positions.dim() == 3:
+            cos, sin = mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, x.dtype)
+        else:
+            cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask, slot = key_valid[:, None, None, :], cache.at(index)  # [B, 1, 1, max_len]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, slot)
+        return self.norm(x[:, -1])  # [B, H]

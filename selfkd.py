@@ -38,7 +38,7 @@ from chat import Batch, collate, join_prompt_completion, reads_the_media
 from flags import DEEPSPEED_PRESETS, Config, ConfigError, TrainingAborted, args_json
 from loss import chunked_jsd_loss_sum, sft_loss_sum
 from lora import inject_lora, lora_disabled, lora_parameters
-from generate import generate, sample_next
+from generate import CompiledStep, generate
 from model_qwen3omni import SparseMoE, Thinker, ThinkerConfig, resolve_dtype
 from weights import checksum, held_here, load_weights, part_of
 from plan import data_report, fixed_point_warning, plan_run
@@ -52,7 +52,8 @@ from runlog import (ARGS_FILE, COMPLETIONS_FILE, LOG, LOG_FILE, RUN, MetricsSink
 
 
 def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_tokens: int, temperature: float,
-                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool, media_inputs=None, media=None):
+                       top_k: int, top_p: float, eos_ids, pad_id: int, gather: bool, media_inputs=None, media=None,
+                       step=None):
     """Completions [B, C] and their mask (1 up to and including the first eos) sampled from the
     model as it is now (LoRA on: the student; inside lora_disabled: the teacher). `engine` is the
     DeepSpeed engine or a plain Thinker.
@@ -60,8 +61,12 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
     Under ZeRO-3 every rank must make the same number of forward calls, so ranks agree on when
     all of them are done. With `gather` the weights are gathered once for the whole generation
     instead of at every decode step. `media_inputs`: the prompts' media (MediaInputs) or None;
-    `media`: their tower outputs when already computed (the towers then do not run again)."""
+    `media`: their tower outputs when already computed (the towers then do not run again).
+    `step`: the decode step to run (a generate.CompiledStep), except under ZeRO-3 without `gather`,
+    where DeepSpeed's hooks gather each module as it runs, which no compiled graph holds."""
     model = getattr(engine, "module", engine)
+    if not gather and getattr(getattr(engine, "optimizer", None), "parameter_offload", None) is not None:
+        step = None
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
     def all_done(local_done: bool) -> bool:
@@ -75,19 +80,22 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
     # the loss's forward (the ids exist in the vocabulary; a random or drifting model can pick them)
     placeholders = [i for i in (model.cfg.audio_token_id, model.cfg.image_token_id, model.cfg.video_token_id)
                     if i < model.cfg.vocab_size]
-
-    def pick(logits):
-        logits[:, placeholders] = float("-inf")
-        return sample_next(logits, temperature, top_k, top_p, generator)
-
     was_training = model.training
     model.eval()  # no LoRA dropout while sampling
     try:
         with gathered_for_generation(engine, gather):
-            return generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id,
-                            pick_next=pick, all_done=all_done, media_inputs=media_inputs, media=media)
+            return generate(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature=temperature,
+                            top_k=top_k, top_p=top_p, generator=generator, banned_ids=placeholders,
+                            all_done=all_done, media_inputs=media_inputs, media=media, step=step)
     finally:
         model.train(was_training)
+
+
+def compiled_decode(model, choice: str, device, log) -> CompiledStep | None:
+    """--compile_decode: the compiled decode step sampling runs, or None (eager). auto: on a GPU."""
+    if choice == "true" or (choice == "auto" and torch.device(device).type == "cuda"):
+        return CompiledStep(model, log)
+    return None
 
 
 @contextmanager
@@ -617,6 +625,7 @@ def train(cfg: Config) -> str:
     if warning:
         log("\n" + "!" * 100 + "\nWARNING: " + warning + "\n" + "!" * 100 + "\n")
     record = MetricsSink(cfg, rank)
+    decode = compiled_decode(model, cfg.compile_decode, device, log)
 
     def eval_jsd(step: int) -> float:
         value = evaluate(engine, encoded_eval, cfg.per_device_eval_batch_size, tok.pad_id, cfg.beta,
@@ -630,7 +639,7 @@ def train(cfg: Config) -> str:
             return sample_completions(engine, ids.to(device), mask.to(device), None,
                                       max_new_tokens=cfg.max_completion_length, temperature=0.0, top_k=0, top_p=1.0,
                                       eos_ids=tok.eos_ids, pad_id=tok.pad_id, gather=cfg.gather_for_generation,
-                                      media_inputs=media_inputs and media_inputs.to(device))
+                                      media_inputs=media_inputs and media_inputs.to(device), step=decode)
 
         rows = encoded_eval[:cfg.log_completions]
         student = answers(rows, "student", tok.pad_id, greedy)
@@ -665,7 +674,8 @@ def train(cfg: Config) -> str:
             return sample_completions(engine, prompt_ids, prompt_mask, sampler,
                                       max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                       top_k=cfg.top_k, top_p=cfg.top_p, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                                      gather=cfg.gather_for_generation, media_inputs=media_inputs, media=media)
+                                      gather=cfg.gather_for_generation, media_inputs=media_inputs, media=media,
+                                      step=decode)
 
         branch = step_branch(step, cfg.seed, cfg.lmbda, cfg.seq_kd)
         batches = [to_device(b, device) for b in micro_batches(

@@ -272,13 +272,12 @@ class Engine:
 def selfkd_generate(a, cfg, model, data, generator):
     """selfkd.sample_completions without the Config/tokenizer plumbing: eval mode, generate, sample_next."""
     from generate import generate
-    from generate import sample_next
 
     was = model.training
     model.eval()
     try:
         return generate(model, data.prompt_ids, data.prompt_mask, a.completion, eos_ids=[cfg.vocab_size], pad_id=0,
-                        pick_next=lambda logits: sample_next(logits, a.temperature, 0, 1.0, generator))
+                        temperature=a.temperature, generator=generator)
     finally:
         model.train(was)
 

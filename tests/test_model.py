@@ -116,15 +116,25 @@ def test_greedy_generation_matches_hf_generate(hf_pair):
     assert alive.all()
 
 
-def test_lm_head_few_row_path_equals_linear():
-    """Decoding's (W @ x^T)^T form (<= 16 rows on CPU) and the plain x @ W^T give the same logits."""
+@pytest.mark.parametrize("mkl", [True, False])
+def test_lm_head_few_row_path_equals_linear(mkl, monkeypatch):
+    """Decoding's packed MKL GEMM (<= 16 fp32 rows on CPU, no gradient) and the plain x @ W^T give the
+    same logits, also after the weight changes in place (the packed copy follows it); a torch
+    without MKL takes the plain call."""
+    if mkl and not torch.backends.mkl.is_available():
+        pytest.skip("this torch has no MKL")
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
     torch.manual_seed(0)
-    head = LMHead(64, 1000, bias=False)
-    for rows in (1, 4, 16, 17):
-        x = torch.randn(rows, 64)
-        out = head(x)
+    head, out = LMHead(64, 1000, bias=False), None
+    for rows in (1, 4, 16, 17, 4):
+        with torch.no_grad():
+            if rows == 4 and out is not None:
+                head.weight.mul_(-2)  # trained, merged or gathered anew: a new version
+            x = torch.randn(rows, 64)
+            out = head(x)
         assert out.shape == (rows, 1000) and out.is_contiguous()
         torch.testing.assert_close(out, torch.nn.functional.linear(x, head.weight), rtol=1e-5, atol=1e-5)
+    assert hasattr(head, "_packed_key") == mkl and (not mkl or head._packed_key[0] == 4)
 
 
 def test_generate_stops_at_eos_and_masks_after_it(hf_pair):
