@@ -73,7 +73,9 @@ class CompiledStep:
     def __init__(self, model: Thinker, log=print):
         self.model, self.log, self.timed = model, log, False
         cuda = next(model.parameters()).is_cuda
-        self.compiled = torch.compile(model.decode_step, mode="reduce-overhead" if cuda else None)
+        # fullgraph: a graph break (an op or hook dynamo cannot trace) fails here, loudly, rather
+        # than leaving the step in pieces that recompile per layer
+        self.compiled = torch.compile(model.decode_step, fullgraph=True, mode="reduce-overhead" if cuda else None)
 
     def __call__(self, *args):
         if self.compiled is None:

@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import fields
 from datetime import timedelta
@@ -101,7 +102,8 @@ def compiled_decode(model, choice: str, device, log) -> CompiledStep | None:
 @contextmanager
 def gathered_for_generation(engine, enabled: bool):
     """ZeRO-3: gather every weight once and detach DeepSpeed's per-module hooks for the
-    duration (as TRL's ds3_gather_for_generation does); other stages: nothing to do.
+    duration (as TRL's ds3_gather_for_generation does), so that a compiled decode step runs on
+    the gathered weights; other stages: nothing to do.
 
     Putting the hooks back would make DeepSpeed drop its record of the training passes' fetch
     order (see zero3_new_step), so the coordinator is kept aside meanwhile and the modules get
@@ -113,15 +115,22 @@ def gathered_for_generation(engine, enabled: bool):
     import deepspeed
 
     params = list(engine.module.parameters())
+    # the leaf modules' gradient-reduction hooks (backward only; sampling runs without gradients)
+    # aside too: torch.compile refuses a module that has backward hooks
+    leaves = [(m, m._backward_hooks) for m in engine.module.modules() if m._backward_hooks]
     with deepspeed.zero.GatheredParameters(params):
         for p in params:
             p.ds_active_sub_modules.clear()
         for hook in offload.forward_hooks + offload.backward_hooks:
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
+        for m, _ in leaves:
+            m._backward_hooks = OrderedDict()
         try:
             yield
         finally:
+            for m, hooks in leaves:
+                m._backward_hooks = hooks
             coordinator, offload.param_coordinator = offload.param_coordinator, _UntracedCoordinator()
             try:  # the modules' ids as before (the record refers to them)
                 offload._register_deepspeed_module(offload.module, count=[offload.module.ds_id])

@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    help="chunk_size of the loss-alone run (default: chunked_jsd_loss_sum's own default)")
     p.add_argument("--mm-size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 CUDA)")
     p.add_argument("--no-gc-row", action="store_true", help="skip the selfkd gradient-checkpointing row")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="step section: add the on-policy train_step with a compiled decode step (--compile_decode true)")
     p.add_argument("--mem-warmup", action="store_true",
                    help="memory workers run one untimed step before the measured one (all variants alike)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one step of each variant")
@@ -301,7 +303,7 @@ def selfkd_engine(model, dtype: str, batch: int):
     return engine
 
 
-def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=None, reuse_towers=True):
+def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=None, reuse_towers=True, step=None):
     """selfkd.train_step: one optimizer step, as the training loop calls it. -> loss (float).
     reuse_towers=False makes sampling run the towers itself (what train_step did before it passed
     the step's tower outputs to sampling; bench_omni's reuse section)."""
@@ -310,7 +312,8 @@ def selfkd_train_step(a, cfg, engine, data, on_policy, generator=None, times=Non
     def sample(prompt_ids, prompt_mask, media_inputs, media):  # exactly --completion tokens (no eos id < vocab)
         return sample_completions(engine, prompt_ids, prompt_mask, generator, max_new_tokens=a.completion,
                                   temperature=a.temperature, top_k=0, top_p=1.0, eos_ids=[cfg.vocab_size], pad_id=0,
-                                  gather=True, media_inputs=media_inputs, media=media if reuse_towers else None)
+                                  gather=True, media_inputs=media_inputs, media=media if reuse_towers else None,
+                                  step=step)
 
     result = train_step(engine, [data.batch], "on-policy" if on_policy else "dataset", sample, a.beta,
                         a.temperature, 0.0, 1e-5)
@@ -688,6 +691,12 @@ def run_step(a, cfg, ours, engine, peer, data, results, log):
         "bare-on": lambda tm: selfkd_step(a, cfg, ours, oopt, data, True, gen, tm),
         "peer-on": lambda tm: peer_step(a, peer, teacher, popt, data, True, tm),
     }
+    if a.compile_decode:  # the on-policy step with --compile_decode true (compiled once, before the timing)
+        from generate import CompiledStep
+
+        step = CompiledStep(engine.module, log)
+        variants["selfkd-on-compiled"] = lambda tm: selfkd_train_step(a, cfg, engine, data, True, gen, tm, step=step)
+        variants["selfkd-on-compiled"](None)
     if not a.no_gc_row:
         def gc_step(tm):
             engine.module.gradient_checkpointing = True
@@ -722,6 +731,10 @@ def run_step(a, cfg, ours, engine, peer, data, results, log):
         o, p, b = rows[f"selfkd-{branch}"], rows[f"peer-{branch}"], rows[f"bare-{branch}"]
         log(f"  {branch}-policy: peer / selfkd time = {p['median_s'] / o['median_s']:.2f}x; selfkd (train_step) / "
             f"bare = {o['median_s'] / b['median_s']:.2f}x (fastest reps: {o['min_s'] / b['min_s']:.2f}x)")
+    if "selfkd-on-compiled" in rows:
+        c = rows["selfkd-on-compiled"]
+        log(f"  on-policy, decode step compiled: peer / selfkd time = {rows['peer-on']['median_s'] / c['median_s']:.2f}x"
+            f"; sampling {c['gen_median_s']:.2f} s vs {rows['selfkd-on']['gen_median_s']:.2f} s eager")
     results["step"] = rows
 
     # FLOPs and the matmul peak, same process

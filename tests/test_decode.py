@@ -86,18 +86,30 @@ def test_routed_experts_equal_the_per_expert_loop():
     torch.testing.assert_close(alone, among, rtol=1e-5, atol=1e-6)
 
 
-def sample(model, ids, mask, step=None, temperature=0.0, check_every=1, teacher=False):
+def sample(model, ids, mask, step=None, temperature=0.0, check_every=1, teacher=False, position_ids=None):
     g = torch.Generator().manual_seed(11)
     ctx = lora_disabled(model) if teacher else torch.no_grad()
     with ctx:
         return generate(model, ids, mask, 12, eos_ids=[7], pad_id=0, temperature=temperature, top_k=50,
-                        top_p=0.9, generator=g, banned_ids=[3], step=step, check_every=check_every)
+                        top_p=0.9, generator=g, banned_ids=[3], step=step, check_every=check_every,
+                        position_ids=position_ids)
+
+
+def media_like_positions(mask):
+    """[3, B, P] positions as a prompt with an image has them (rope_index): the three axes apart for
+    a stretch of 'patches', then equal again; what decode steps continue from on all three axes."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos3 = torch.stack([pos, pos, pos]).clone()
+    pos3[1, :, -4:-2] += 1  # height and width of a 2 x 2 patch grid
+    pos3[2, :, -3:-1] += 1
+    return pos3
 
 
 def test_compiled_decode_gives_the_eager_tokens():
     """torch.compile of the decode step (inductor on this CPU): greedy and sampled, student (LoRA
-    on) and teacher (LoRA off), every token equal to the eager step's; checking for finished rows
-    every 8 tokens instead of every one changes nothing but the wasted steps."""
+    on) and teacher (LoRA off), 1-D and 3-D (media) positions, every token equal to the eager
+    step's; checking for finished rows every 8 tokens instead of every one changes nothing but the
+    wasted steps."""
     model = small_model(layers=1)  # compiling is most of this test's time: the smallest graph
     ids, mask = left_padded_batch(512, [7, 4], seed=6)
     lines = []
@@ -108,6 +120,11 @@ def test_compiled_decode_gives_the_eager_tokens():
             compiled = sample(model, ids, mask, step, temperature=temperature, check_every=8, teacher=teacher)
             assert all(torch.equal(a, b) for a, b in zip(eager, compiled)), (temperature, teacher)
             assert 3 not in eager[0]
+    # MRoPE: 3-D positions continue on every axis (media prompts), another graph
+    pos3 = media_like_positions(mask)
+    eager = sample(model, ids, mask, temperature=1.0, position_ids=pos3)
+    assert all(torch.equal(a, b) for a, b in zip(eager, sample(model, ids, mask, step, 1.0, position_ids=pos3)))
+    assert not torch.equal(eager[0], sample(model, ids, mask, temperature=1.0)[0])  # the positions mattered
     assert len(lines) == 1 and lines[0].startswith("--compile_decode: decode step compiled in "), lines
     assert step.compiled is not None  # it did not fall back
 
@@ -148,9 +165,13 @@ def test_compiled_decode_under_zero3_runs_on_the_gathered_weights(one_rank_group
                                          temperature=1.0, top_k=0, top_p=1.0, eos_ids=[7], pad_id=0, gather=gather,
                                          step=step if with_step else None)
 
+    hooks = {name: list(m._backward_hooks.values()) for name, m in engine.module.named_modules() if m._backward_hooks}
+    assert hooks  # DeepSpeed's gradient reduction on the leaf modules: compiled steps run without them
     per_module = draw(gather=False, with_step=True)
     assert not lines  # not compiled: hooks gather each module as it runs
     compiled, eager = draw(gather=True, with_step=True), draw(gather=True, with_step=False)
-    assert len(lines) == 1 and "compiled in" in lines[0], lines
+    assert len(lines) == 1 and "compiled in" in lines[0], lines  # fullgraph: one graph, or a failure line
+    assert {name: list(m._backward_hooks.values()) for name, m in engine.module.named_modules()
+            if m._backward_hooks} == hooks  # back for the training passes
     for a, b, c in zip(compiled, eager, per_module):
         assert torch.equal(a, b) and torch.equal(b, c)
