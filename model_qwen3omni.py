@@ -434,7 +434,8 @@ class Experts(nn.Module):
         Reads only the routed experts' weights (a copy of them: the stacks indexed by the ids),
         in ~5 ops whatever the expert count, with no host sync and shapes fixed by N: what a
         decode step wants, and what torch.compile can capture (the loop's counts cannot be traced,
-        grouped_mm's kernels take bf16 only). SparseMoE takes it when N * K <= E."""
+        grouped_mm's kernels take bf16 only). SparseMoE takes it without gradients when N * K <= E
+        and the grouped path does not pay."""
         x = x[:, None].expand(-1, expert_ids.shape[1], -1)  # [N, K, H]: a view
         gate, up = self.routed_project(x, expert_ids, "gate_up_proj").chunk(2, dim=-1)  # [N, K, I] each
         return self.routed_project(F.silu(gate) * up, expert_ids, "down_proj")  # [N, K, H]
@@ -494,8 +495,10 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
-        if x.shape[0] * self.top_k <= self.experts.num_experts and not self.experts.use_grouped(x):
-            # a few tokens (a decode step): each through its own experts, the others not read
+        if (not torch.is_grad_enabled() and x.shape[0] * self.top_k <= self.experts.num_experts
+                and not self.experts.use_grouped(x)):
+            # a few tokens without gradients (a decode step): each through its own experts, the
+            # others not read (with gradients, the copies of the routed weights would be kept)
             y = self.experts.forward_routed(x, expert_ids)  # [N, K, H]
             return (y * weights[..., None]).sum(dim=1).view(B, T, H)
         # group the N*K (token, expert) pairs by expert

@@ -43,19 +43,6 @@ def test_checksum_is_its_spec_and_sees_every_change(dtype):
                 checksum(t[:-1])}) == 5
 
 
-@pytest.fixture(scope="module")
-def one_rank_group():
-    """A one-process gloo group for DeepSpeed in this process, for the module (DeepSpeed keeps the
-    first group it sees), torn down after."""
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(29500 + (os.getpid() + 17) % 1000)), ("DS_ACCELERATOR", "cpu")):
-            env.setenv(key, value)
-        selfkd.init_distributed(selfkd.Config())
-        yield
-        torch.distributed.destroy_process_group()
-
-
 def zero3_engine(model_dir):
     """selfkd's ZeRO-3 student on one process (the zero3_offload preset stays ZeRO-3 there), float32."""
     import deepspeed
