@@ -57,20 +57,3 @@ def tok(tiny_dir):
 
     return load_tokenizer(tiny_dir)
 
-
-@pytest.fixture(scope="session")
-def one_rank_group():
-    """A one-process gloo group for DeepSpeed in this process, for the whole session (DeepSpeed keeps
-    the first group it sees: a second group in the same process would not be registered with it),
-    torn down at the end."""
-    import torch
-
-    import selfkd
-
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(29500 + (os.getpid() + 17) % 1000)), ("DS_ACCELERATOR", "cpu")):
-            env.setenv(key, value)
-        selfkd.init_distributed(selfkd.Config())
-        yield
-        torch.distributed.destroy_process_group()

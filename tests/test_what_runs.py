@@ -7,7 +7,8 @@ what runs from the live tensors. Here: the checksum against its spec, a one-proc
 in this process under both accelerator answers (partition dtype and contents against the
 checkpoint read by the plain loader), and a wrong dtype or a corrupted partition refused with
 one line naming the tensor. The whole suite runs with the accelerator answering "no fp16"
-(conftest.py); tests/test_omni_model.py runs its two-process ZeRO-3 build once with "fp16"."""
+(conftest.py); tests/test_omni_model.py runs its two-process ZeRO-3 build once with "fp16".
+And a compiled decode step runs on ZeRO-3's gathered weights (not on its per-module gathers)."""
 import os
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def test_checksum_is_its_spec_and_sees_every_change(dtype):
     swapped[[5, 6]] = swapped[[6, 5]]
     assert len({checksum(t), checksum(changed), checksum(swapped), checksum(t.to(torch.float16)),
                 checksum(t[:-1])}) == 5
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A one-process gloo group for DeepSpeed in this process, for the module (DeepSpeed keeps the
+    first group it sees: no other module of the suite makes one in-process), torn down after."""
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(29500 + (os.getpid() + 17) % 1000)), ("DS_ACCELERATOR", "cpu")):
+            env.setenv(key, value)
+        selfkd.init_distributed(selfkd.Config())
+        yield
+        torch.distributed.destroy_process_group()
 
 
 def zero3_engine(model_dir):
@@ -118,3 +132,36 @@ def test_zero_init_with_the_accelerators_dtype_stops_the_run_with_one_line(text_
     one_line_error(result, r"^selfkd: error: the model as built is not what was asked: rank 0: \S+ is bfloat16, "
                            r"asked float32 \(and \d+ more\)$", code=1)
     assert "step 1 loss" not in result.stdout
+
+
+def test_compiled_decode_under_zero3_runs_on_the_gathered_weights(one_rank_group, tmp_path):
+    """ZeRO-3 with --gather_for_generation true: the compiled step samples the tokens of the eager
+    one; with false, DeepSpeed's per-module gathers run eagerly and the step is not used."""
+    from generate import CompiledStep
+    from hf_models import left_padded_batch
+    from test_decode import has_cpp_compiler, small_model
+    from tiny import write_random_checkpoint
+
+    write_random_checkpoint(small_model(layers=1).cfg, str(tmp_path), seed=0, std=0.15)
+    engine, _ = zero3_engine(str(tmp_path))
+    assert hasattr(next(engine.module.parameters()), "ds_id")  # partitioned
+    ids, mask = left_padded_batch(512, [7, 4], seed=8)
+    lines = []
+    step = CompiledStep(engine.module, lines.append)
+
+    def draw(gather, with_step):
+        return selfkd.sample_completions(engine, ids, mask, torch.Generator().manual_seed(2), max_new_tokens=10,
+                                         temperature=1.0, top_k=0, top_p=1.0, eos_ids=[7], pad_id=0, gather=gather,
+                                         step=step if with_step else None)
+
+    hooks = {name: list(m._backward_hooks.values()) for name, m in engine.module.named_modules() if m._backward_hooks}
+    assert hooks  # DeepSpeed's gradient reduction on the leaf modules: compiled steps run without them
+    per_module = draw(gather=False, with_step=True)
+    assert not lines  # not compiled: hooks gather each module as it runs
+    compiled, eager = draw(gather=True, with_step=True), draw(gather=True, with_step=False)
+    # fullgraph: one graph, or a failure line
+    assert len(lines) == 1 and ("compiled in" if has_cpp_compiler() else "torch.compile failed") in lines[0], lines
+    assert {name: list(m._backward_hooks.values()) for name, m in engine.module.named_modules()
+            if m._backward_hooks} == hooks  # back for the training passes
+    for a, b, c in zip(compiled, eager, per_module):
+        assert torch.equal(a, b) and torch.equal(b, c)
