@@ -63,7 +63,7 @@ class CompiledStep:
     """`model.decode_step` under torch.compile, for generate(step=...): `--compile_decode`.
 
     One graph for the whole step (the routed experts, attention over the static cache, no host
-    sync), so on CPU inductor fuses its ~2,300 eager ops into a few kernels, and on a GPU mode
+    sync), so on CPU inductor fuses its ~580 eager ops into ~60 kernels, and on a GPU mode
     reduce-overhead replays it as a CUDA graph. torch compiles again for each new kind of call
     (student or teacher, another batch size; after a second cache length it makes that length
     dynamic). The first compilation's seconds go to `log`, once. Where compiling fails (no C++
@@ -100,8 +100,8 @@ def generate(model: Thinker, prompt_ids, prompt_mask, max_new_tokens: int, eos_i
              all_done=None, media=None, position_ids=None, media_inputs: MediaInputs | None = None,
              step=None, check_every: int | None = None):
     """KV-cache decoding from left-padded prompts [B, P]: one prefill forward over the prompts, then
-    one `Thinker.decode_step` per token, all in the same static shapes (`step`, e.g. its compiled
-    form from `compiled_step`, replaces it).
+    one `Thinker.decode_step` per token, all in the same static shapes (`step`, e.g. a
+    `CompiledStep`, replaces it).
 
     Each token: `sample_next` (greedy at temperature 0) over the logits with `banned_ids` at -inf.
     The uniforms of the draws come from `generator` all at once, one per row and token: a run
