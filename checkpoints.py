@@ -15,7 +15,7 @@ import torch
 
 from flags import Config, ConfigError, TrainingAborted
 from lora import adapter_tensors, load_adapter, lora_parameters, write_adapter
-from runlog import COMPLETIONS_FILE, METRICS_FILE, RUN
+from runlog import COMPLETIONS_FILE, METRICS_FILE, RUN, commit_uninterrupted
 
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -128,14 +128,15 @@ def save_checkpoint(engine, output_dir: str, step: int, state: dict, save_only_m
             for name in os.listdir(tmp):
                 with open(os.path.join(tmp, name), "rb") as f:
                     os.fsync(f.fileno())
-            if os.path.exists(final):  # a re-run of the same step replaces it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(output_dir)
-            with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
-                f.write(os.path.basename(final) + "\n")
-            os.replace(os.path.join(output_dir, "latest.tmp"), os.path.join(output_dir, "latest"))
-            RUN["last_save"] = final  # complete on disk: a failure in the collectives below must name it
+            with commit_uninterrupted():
+                if os.path.exists(final):  # a re-run of the same step replaces it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(output_dir)
+                with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
+                    f.write(os.path.basename(final) + "\n")
+                os.replace(os.path.join(output_dir, "latest.tmp"), os.path.join(output_dir, "latest"))
+                RUN["last_save"] = final  # complete on disk: a failure in the collectives below must name it
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
             error = f"writing checkpoint {final!r} failed: {type(err).__name__}: {err}"
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ import os
 import resource
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -78,12 +79,27 @@ class _Signals:
     sigint = False
     sigterm = False
     quiet = False  # on the way out: a later signal only sets its flag
+    held = False  # inside commit_uninterrupted: a Ctrl-C waits for the block's end
 
 
 def _on_sigint(signum, frame):
     first = not _Signals.sigint
     _Signals.sigint = True
-    if first and not _Signals.quiet:
+    if first and not _Signals.quiet and not _Signals.held:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def commit_uninterrupted():
+    """A Ctrl-C inside the block interrupts at its end, not in its middle: a checkpoint's commit
+    (directory renamed into place, `latest`, RUN's record of it) is done whole, so the message on
+    the way out never says "no checkpoint saved yet" of one that is complete on disk."""
+    before, _Signals.held = _Signals.sigint, True
+    try:
+        yield
+    finally:
+        _Signals.held = False
+    if _Signals.sigint and not before and not _Signals.quiet:
         raise KeyboardInterrupt
 
 

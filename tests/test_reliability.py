@@ -413,3 +413,25 @@ def test_no_pickle_anywhere_in_the_code():
         assert not re.search(r"\bimport pickle\b|\bpickle\.|\bcPickle\b|\bdill\b", text), path
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
+
+
+def test_ctrl_c_during_a_checkpoint_commit_interrupts_after_it(monkeypatch):
+    """A Ctrl-C between the checkpoint directory's rename and RUN's record of it used to leave the
+    way-out message saying "no checkpoint saved yet" of a complete one: it now waits for the commit."""
+    from runlog import _on_sigint, _Signals, commit_uninterrupted
+
+    for flag in ("sigint", "quiet", "held"):
+        monkeypatch.setattr(_Signals, flag, False)
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with commit_uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now, and raised nothing
+                done.append("the commit's last line")
+        assert done == ["the commit's last line"] and _Signals.sigint and not _Signals.held
+        with commit_uninterrupted():  # a block without a Ctrl-C of its own: nothing raised
+            done.append("again")
+    finally:
+        signal.signal(signal.SIGINT, previous)
