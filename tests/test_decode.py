@@ -128,9 +128,11 @@ def has_cpp_compiler() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c)
 
 
+@pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens():
     """torch.compile of the decode step (inductor on this CPU), greedy and sampled: every token equal
-    to the eager step's. (Compiling is most of the time: the smallest model, one graph.)"""
+    to the eager step's. Slow: a cold compile is ~16 s, and the default suite compiles once already
+    (test_what_runs.py, under ZeRO-3)."""
     model = small_model(layers=1)
     ids, mask = left_padded_batch(512, [7, 4], seed=6)
     compiled_equals_eager(model, ids, mask, [(0.0, False, None), (1.0, False, None)])

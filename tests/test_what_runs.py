@@ -135,8 +135,9 @@ def test_zero_init_with_the_accelerators_dtype_stops_the_run_with_one_line(text_
 
 
 def test_compiled_decode_under_zero3_runs_on_the_gathered_weights(one_rank_group, tmp_path):
-    """ZeRO-3 with --gather_for_generation true: the compiled step samples the tokens of the eager
-    one; with false, DeepSpeed's per-module gathers run eagerly and the step is not used."""
+    """ZeRO-3 with --gather_for_generation true: the compiled step samples (and picks greedily) the
+    tokens of the eager one; with false, DeepSpeed's per-module gathers run eagerly and the step is
+    not used. The default suite's compiled-decode test (tests/test_decode.py has the slow ones)."""
     from generate import CompiledStep
     from hf_models import left_padded_batch
     from test_decode import has_cpp_compiler, small_model
@@ -149,10 +150,10 @@ def test_compiled_decode_under_zero3_runs_on_the_gathered_weights(one_rank_group
     lines = []
     step = CompiledStep(engine.module, lines.append)
 
-    def draw(gather, with_step):
+    def draw(gather, with_step, temperature=1.0):
         return selfkd.sample_completions(engine, ids, mask, torch.Generator().manual_seed(2), max_new_tokens=10,
-                                         temperature=1.0, top_k=0, top_p=1.0, eos_ids=[7], pad_id=0, gather=gather,
-                                         step=step if with_step else None)
+                                         temperature=temperature, top_k=0, top_p=1.0, eos_ids=[7], pad_id=0,
+                                         gather=gather, step=step if with_step else None)
 
     hooks = {name: list(m._backward_hooks.values()) for name, m in engine.module.named_modules() if m._backward_hooks}
     assert hooks  # DeepSpeed's gradient reduction on the leaf modules: compiled steps run without them
@@ -161,6 +162,8 @@ def test_compiled_decode_under_zero3_runs_on_the_gathered_weights(one_rank_group
     compiled, eager = draw(gather=True, with_step=True), draw(gather=True, with_step=False)
     # fullgraph: one graph, or a failure line
     assert len(lines) == 1 and ("compiled in" if has_cpp_compiler() else "torch.compile failed") in lines[0], lines
+    greedy = draw(gather=True, with_step=True, temperature=0.0), draw(gather=True, with_step=False, temperature=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(*greedy))
     assert {name: list(m._backward_hooks.values()) for name, m in engine.module.named_modules()
             if m._backward_hooks} == hooks  # back for the training passes
     for a, b, c in zip(compiled, eager, per_module):
