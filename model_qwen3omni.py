@@ -284,16 +284,14 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def at(self, index) -> "CacheSlot":
-        """The cache as a static decode step sees it (Thinker.decode_step): write at `index`."""
+    def at(self, index) -> "CacheSlot":  # the cache as Thinker.decode_step sees it
         return CacheSlot(self, index)
 
 
 class CacheSlot:
-    """One decode step's view of a KVCache: the new token's k, v [B, kvH, 1, D] go to position
-    `index` ([1] long tensor, on the device), and attention reads the whole preallocated cache
-    [B, kvH, max_len, D], its mask hiding what is not written yet. Every decode step then has the
-    same shapes and no Python integer in it, so one compiled graph (or CUDA graph) serves them all."""
+    """One decode step's view of a KVCache: k, v [B, kvH, 1, D] go to position `index` ([1] long,
+    on the device); attention reads the whole cache [B, kvH, max_len, D] under a mask of what is
+    written. Every step has the same shapes and no Python integer: one compiled graph serves all."""
 
     def __init__(self, cache: KVCache, index):
         self.cache, self.index = cache, index
@@ -585,11 +583,10 @@ def roll_rows(t, shift):
 
 
 class LMHead(nn.Linear):
-    """The output projection [H] -> [V]. Decoding on CPU (a few fp32 rows, no gradient) reads its
-    152064 x H weight once per token, and that read is most of a decode step: there it runs MKL's
-    GEMM on a copy of the weight packed once for that row count (torch.ops.mkl, as inductor's CPU
-    path for frozen weights), ~1.8x faster than the plain call at 4 rows (BENCHMARKS.md). The
-    packed copy follows the weight: made again when its storage, version or the row count changes.
+    """The output projection [H] -> [V]. Decoding on CPU (a few fp32 rows, no gradient) reads the
+    152064 x H weight once per token, most of a decode step: there MKL's GEMM runs on a copy packed
+    for that row count (torch.ops.mkl, as inductor does for frozen weights), ~1.8x faster at 4 rows
+    (BENCHMARKS.md H); made again when the weight's storage, version or the row count changes.
     Being the module's own forward, ZeRO-3's hooks still gather the weight."""
 
     def forward(self, x):
@@ -889,8 +886,8 @@ class Thinker(nn.Module):
 
         The same arithmetic as forward(ids, mask, cache) at that point, but attention reads the
         whole cache under the key_valid mask instead of a slice as long as the tokens so far.
-        Returns the last hidden states [B, H], normed: the caller applies lm_head (on CPU it runs a
-        packed MKL kernel that torch.compile leaves alone)."""
+        Returns the last hidden states [B, H], normed: the caller applies lm_head (on CPU a packed
+        MKL kernel that torch.compile leaves alone)."""
         key_valid.index_fill_(1, index, True)
         x = self.embed_tokens(ids)  # [B, 1, H]
         if positions.dim() == 3:
