@@ -152,7 +152,8 @@ def build(args, dtype):
     prop = None  # ours keeps Experts.grouped = None: the path selfkd picks on the device (CPU: the loop)
     if args.proposed:
         with torch.device("meta"):
-            prop = SparseMoE(cfg)
+            prop = SparseMoE(ThinkerConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K,
+                                           moe_intermediate_size=I, norm_topk_prob=True))
         prop.experts.grouped = True
         prop.gate.weight = ours.gate.weight
         prop.experts.gate_up_proj = ours.experts.gate_up_proj
@@ -257,7 +258,7 @@ def check(variants, named, x, cot, rec, weight_grads):
         if gw is not None:
             if gw_ref is None:
                 gw_ref = (name, gw)
-                line += f"; weight grads: reference for the others"
+                line += "; weight grads: reference for the others"
             else:
                 diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(gw, gw_ref[1])]
                 scale = max(b.abs().max().item() for b in gw_ref[1])
