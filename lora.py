@@ -127,9 +127,8 @@ class LoRAExperts(Experts):
     Every expert path of Experts gets the delta: `project` inside the per-expert loop (the spec),
     `grouped_project` as two more grouped matmuls per projection (x A^T, then B^T), so LoRA adds
     4 grouped kernels per pass instead of ~6 ops per expert, and `routed_project` (decoding) from
-    the A and B stacks indexed like the weights. With dropout the two paths draw
-    different masks (the loop per expert, the grouped path once over all rows): same
-    distribution, other random numbers."""
+    the A and B stacks indexed like the weights. With dropout the paths draw different masks
+    (the loop per expert, the others once over all rows): same distribution, other random numbers."""
 
     def __init__(self, base: Experts, rank: int, alpha: float, dropout: float, generator=None):
         nn.Module.__init__(self)
@@ -176,7 +175,6 @@ class LoRAExperts(Experts):
             h = grouped_mm(branch.dropout(x.to(At.dtype)), At, offsets)  # [S, r]
             y = y + (grouped_mm(h, Bt, offsets) * branch.scaling).to(y.dtype)
         return y
-
 
     def routed_project(self, x, ids, which: str):
         y = super().routed_project(x, ids, which)  # [N, K, out]

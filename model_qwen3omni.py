@@ -284,9 +284,6 @@ class KVCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def at(self, index) -> "CacheSlot":  # the cache as Thinker.decode_step sees it
-        return CacheSlot(self, index)
-
 
 class CacheSlot:
     """One decode step's view of a KVCache: k, v [B, kvH, 1, D] go to position `index` ([1] long,
@@ -894,7 +891,7 @@ class Thinker(nn.Module):
             cos, sin = mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, x.dtype)
         else:
             cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask, slot = key_valid[:, None, None, :], cache.at(index)  # [B, 1, 1, max_len]
+        mask, slot = key_valid[:, None, None, :], CacheSlot(cache, index)  # [B, 1, 1, max_len]
         for layer in self.layers:
             x = layer(x, cos, sin, mask, slot)
         return self.norm(x[:, -1])  # [B, H]

@@ -66,7 +66,7 @@ def sample_completions(engine, prompt_ids, prompt_mask, generator, *, max_new_to
     `step`: the decode step to run (a generate.CompiledStep), except under ZeRO-3 without `gather`,
     where DeepSpeed's hooks gather each module as it runs, which no compiled graph holds."""
     model = getattr(engine, "module", engine)
-    if not gather and getattr(getattr(engine, "optimizer", None), "parameter_offload", None) is not None:
+    if not gather and zero3_offload(engine) is not None:
         step = None
     distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
@@ -99,6 +99,11 @@ def compiled_decode(model, choice: str, device, log) -> CompiledStep | None:
     return None
 
 
+def zero3_offload(engine):
+    """ZeRO-3's parameter coordinator (its per-module gather hooks), or None: other stages, a plain model."""
+    return getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+
+
 @contextmanager
 def gathered_for_generation(engine, enabled: bool):
     """ZeRO-3: gather every weight once and detach DeepSpeed's per-module hooks for the
@@ -108,7 +113,7 @@ def gathered_for_generation(engine, enabled: bool):
     Putting the hooks back would make DeepSpeed drop its record of the training passes' fetch
     order (see zero3_new_step), so the coordinator is kept aside meanwhile and the modules get
     their ids back: the record stays right, and the passes after sampling still prefetch."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    offload = zero3_offload(engine)
     if not enabled or offload is None:
         yield
         return
@@ -159,7 +164,7 @@ def zero3_new_step(engine):
     same 1.2 GB expert stack twice in a row: recomputation, then backward). Here a step is the
     whole optimizer step (teacher and student passes of every micro-batch, their backward), which
     repeats. Other stages and engines: nothing to do."""
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    offload = zero3_offload(engine)
     if offload is None:
         return
     if not getattr(offload, "selfkd_steps", False):  # once: drop the reset at every top-level forward

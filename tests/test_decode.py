@@ -96,6 +96,26 @@ def sample(model, ids, mask, step=None, temperature=0.0, check_every=1, teacher=
                         position_ids=position_ids)
 
 
+def test_asking_for_finished_rows_every_8_tokens_changes_nothing_but_the_steps_run():
+    """generate asks whether every row has stopped at each token on CPU and every 8 on a GPU (a host
+    sync per token would starve it): both answers give the same tokens and mask, with rows that stop
+    early, greedy and sampled."""
+    model = small_model()
+    ids, mask = left_padded_batch(512, [7, 4], seed=6)
+
+    def run(check_every, eos, temperature):
+        with torch.no_grad():
+            return generate(model, ids, mask, 12, eos_ids=[eos], pad_id=0, temperature=temperature,
+                            generator=torch.Generator().manual_seed(3), check_every=check_every)
+
+    for temperature in (0.0, 1.0):
+        free = run(1, 511, temperature)[0]
+        eos = int(free[1, 2])  # row 1 stops at its third token (row 0 too, if it meets it)
+        every, eighth = run(1, eos, temperature), run(8, eos, temperature)
+        assert all(torch.equal(a, b) for a, b in zip(every, eighth)), temperature
+        assert every[1][1].sum() <= 3 and every[0].shape[1] <= 12
+
+
 def media_like_positions(mask):
     """[3, B, P] positions as a prompt with an image has them (rope_index): the three axes apart for
     a stretch of 'patches', then equal again; what decode steps continue from on all three axes."""
