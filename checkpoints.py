@@ -136,7 +136,9 @@ def save_checkpoint(engine, output_dir: str, step: int, state: dict, save_only_m
                 with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
                     f.write(os.path.basename(final) + "\n")
                 os.replace(os.path.join(output_dir, "latest.tmp"), os.path.join(output_dir, "latest"))
-                RUN["last_save"] = final  # complete on disk: a failure in the collectives below must name it
+                # complete on disk: a failure in the collectives below, or a Ctrl-C held until here, must
+                # name it, and the step it holds is done
+                RUN.update(step=step, last_save=final)
         except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
             error = f"writing checkpoint {final!r} failed: {type(err).__name__}: {err}"
             shutil.rmtree(tmp, ignore_errors=True)
