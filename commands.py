@@ -450,9 +450,22 @@ def estimate_memory_command(cfg: Config, world: int | None = None) -> None:
     print(plan(cfg, world).table(), flush=True)  # last: its 'peak per GPU' line
 
 
+def simulate_command(cfg: Config, world: int | None = None) -> None:
+    """--simulate_gpu: the training step on simulated GPUs (simulate.py), beside the memory plan."""
+    import simulate
+
+    if cfg.model is None:
+        cfg.model = ensure_default_model()
+    world = cfg.world_size or world or int(os.environ.get("WORLD_SIZE", 0)) or 8
+    print(simulate.report(cfg, simulate.GPUS[cfg.simulate_gpu], world, persistent_numel=ZERO3_PERSISTENT_NUMEL),
+          flush=True)
+
+
 def check_command(argv: list[str]) -> None:
     nproc, rest = _nproc(argv)
     cfg = parse_args(rest)
+    if cfg.simulate_gpu:
+        return simulate_command(cfg, nproc)
     if cfg.estimate_memory:
         return estimate_memory_command(cfg, nproc)
     plan = plan_run(cfg, nproc)
@@ -567,7 +580,9 @@ def train_command(argv: list[str]) -> None:
         sys.stdout = open(os.devnull, "w")
     try:
         cfg = parse_args(argv)
-        if cfg.estimate_memory:
+        if cfg.simulate_gpu:
+            simulate_command(cfg)
+        elif cfg.estimate_memory:
             estimate_memory_command(cfg)
         else:
             train(cfg)

@@ -199,8 +199,13 @@ class Config:
         "exit; the last line is 'peak per GPU: X GiB in <phase>'. `bash run.sh check --estimate_memory` plans "
         "the processes run.sh would start"
     )
+    simulate_gpu: str | None = _flag(
+        None, "run the training step on simulated GPUs of this kind and exit: the CUDA path executed on "
+        "tensors without data (config.json alone), memory measured by phase beside --estimate_memory's plan, "
+        "kernel launches counted, step time and MFU estimated (simulate.py)", choices=("h100", "h200"), type=str
+    )
     world_size: int | None = _flag(
-        None, "processes (GPUs) --estimate_memory plans for (None: $WORLD_SIZE, else the local GPUs, else 1)",
+        None, "processes (GPUs) --estimate_memory and --simulate_gpu plan for (None: $WORLD_SIZE, else the local GPUs, else 1)",
         type=parse_optional_int
     )
     # --- outputs ---

@@ -1,0 +1,618 @@
+"""The training step of the ms-swift command on simulated GPUs: selfkd's CUDA path executed
+without a GPU, its memory measured and its time estimated.
+
+    bash run.sh check --simulate_gpu h100 [--nproc_per_node 8] <the training flags>
+    python selfkd.py --simulate_gpu h200 --world_size 8 <the training flags>
+
+builds the thinker from config.json alone in bf16 with LoRA as the flags say, on torch's meta
+device (tensors with shape, dtype and strides, no storage), and runs selfkd's own code on it:
+`selfkd.train_step` for the dataset branch and for the on-policy one (selfkd.sample_completions
+-> generate.generate: the prefill and max_completion_length decode steps on the KV cache), the
+teacher and student passes, the chunked loss, the backward and an optimizer step, then
+`lora.adapter_tensors` (a checkpoint's tensors). A shape, dtype or device mistake in the CUDA path
+fails here as it would on the GPU: meta kernels check what CUDA kernels check (grouped_mm: bf16,
+16-byte rows), and a tensor left on the CPU meets the model's "device" and fails.
+
+A CPU cannot answer three things; they are given here and nowhere else:
+  - what a CUDA build chooses: `Experts.grouped` is grouped_mm_pays's answer for the card (asked
+    on a fake CUDA tensor with its compute capability), and SDPA runs the fused kernel a GPU runs
+    (FlashAttention without a mask, the memory-efficient one with a mask) instead of the math
+    decomposition meta would take (it would materialize [B, heads, T, T]);
+  - the values the host reads: integer and boolean tensors carry their values (computed on the
+    CPU beside the meta tensor: token ids, masks, positions, counts, routing); floats have none
+    and read as 0. So routing sends every token to the first top-k experts (shapes do not depend
+    on routing on the grouped path), and sampling picks token 0 and never meets an eos: every
+    generation runs all max_completion_length steps, the longest case;
+  - the peers: a fake process group of --world_size ranks (collectives return at once); the
+    engine is `SimulatedEngine`, DeepSpeed's bf16 ZeRO optimizer in its tensors (below).
+
+Why meta and not FakeTensorMode on device "cuda": on a CPU-only torch, Python indexing of a
+fake CUDA tensor (x[:, :1]) takes a CUDA device guard and fails; meta needs none. torch's
+MemTracker (torch.distributed._tools.mem_tracker) measures memory: every live storage by
+category, its peak per phase. Its RuntimeEstimator needs a CUDA device; the roofline here is
+its formula (FLOPs from torch.utils.flop_counter, bytes read and written) with the card's
+datasheet figures in GPUS.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakTensorKeyDictionary
+
+import model_qwen3omni as M
+
+aten = torch.ops.aten
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_flops: float  # dense tensor-core FLOP/s
+    fp32_flops: float  # FP32 without tensor cores (torch's default matmul precision for fp32)
+    hbm: float  # memory bandwidth, bytes/s
+    nvlink: float  # bytes/s per direction to the node's other GPUs
+    memory_gib: float  # what a process can allocate (memory_plan.CARDS)
+    capability: tuple[int, int]
+
+
+# NVIDIA datasheets, SXM parts. H200 = H100's compute with faster, larger HBM3e.
+GPUS = {
+    "h100": GPU("H100 SXM 80GB", 989e12, 67e12, 3.35e12, 450e9, 79.0, (9, 0)),
+    "h200": GPU("H200 SXM 141GB", 989e12, 67e12, 4.8e12, 450e9, 139.0, (9, 0)),
+}
+COMPUTE_EFFICIENCY = 0.75  # of the datasheet FLOP/s a large GEMM reaches (torch's runtime estimator assumes the same)
+# Eager PyTorch costs the host ~5 us per CUDA op (Python, dispatcher, launch; 4-10 us on server CPUs):
+# a phase of many small kernels is bound by it, not by the GPU.
+LAUNCH_SECONDS = 5e-6
+UNINITIALIZED = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}  # no values to carry
+VALUE_NUMEL = 1 << 22  # tensors up to this size carry values on the CPU beside the meta tensor
+# ops that launch no kernel: views, metadata, allocation without initialization
+NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "unsqueeze", "squeeze", "slice",
+             "select", "alias", "permute", "split", "split_with_sizes", "unbind", "detach", "_reshape_alias",
+             "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "diagonal",
+             "unfold", "view_as_real", "view_as_complex", "set_", "resize_"}
+
+
+# ----------------------------------------------------------------------------------------------
+# What runs on the "GPU": the ops, their values where the host reads them, their cost
+
+
+def _is_float(t: torch.Tensor) -> bool:
+    return t.dtype.is_floating_point or t.dtype.is_complex
+
+
+def grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
+    """FLOPs of torch._grouped_mm with offsets: each row of the output is one row of a group's
+    GEMM. Forward / input gradient: a [M, K] x b [G, K, N] -> [M, N]; weight gradient: a [K, M] x
+    b [M, N] -> [G, K, N] (the groups split M)."""
+    if out.dim() == 2:
+        return 2 * a.shape[0] * a.shape[1] * out.shape[1]
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def distinct_experts(rows: int, experts: int) -> float:
+    """Expected experts that receive at least one of `rows` routed rows under uniform routing: a
+    grouped GEMM reads only their weights (a decode step of 4 tokens x top-8 reads ~28 of 128)."""
+    return experts * (1 - (1 - 1 / experts) ** rows)
+
+
+@dataclass
+class PhaseCost:
+    launches: int = 0
+    flops: float = 0.0
+    gpu_seconds: float = 0.0  # roofline: each op at max(FLOPs / peak, bytes / bandwidth)
+    ops: dict | None = None
+
+    def seconds(self, eager: bool = True) -> float:
+        """The GPU's roofline time or, eager, the host's launch time when longer (they overlap)."""
+        return max(self.gpu_seconds, self.launches * LAUNCH_SECONDS) if eager else self.gpu_seconds
+
+
+class SimulatedGPU(TorchDispatchMode):
+    """Runs every op on meta; keeps CPU values for small tensors (answers .item(), .tolist(),
+    boolean indexing); counts kernel launches and roofline time per phase (`phase`)."""
+
+    def __init__(self, gpu: GPU):
+        super().__init__()
+        self.gpu, self.values, self.costs, self.current = gpu, WeakTensorKeyDictionary(), {}, "setup"
+
+    @contextmanager
+    def phase(self, name: str):
+        before, self.current = self.current, name
+        self.costs.setdefault(name, PhaseCost(ops={}))
+        try:
+            yield self.costs[name]
+        finally:
+            self.current = before
+
+    # values ---------------------------------------------------------------------------------
+
+    def value(self, t: torch.Tensor) -> torch.Tensor:
+        """The CPU value of a meta tensor; zeros where it has none (a float the simulation did not compute)."""
+        if t.device.type != "meta":
+            return t
+        v = self.values.get(t)
+        return v if v is not None else torch.zeros(t.shape, dtype=t.dtype)
+
+    def to_meta(self, v: torch.Tensor) -> torch.Tensor:
+        out = v.to("meta")  # through the modes below: the memory tracker sees the allocation
+        self.values[out] = v
+        return out
+
+    def known_indices(self, indices):
+        """Boolean index tensors -> their nonzero positions (long tensors with values), as CUDA does."""
+        out = []
+        for i in indices:
+            if i is not None and i.dtype == torch.bool:
+                out += [self.to_meta(x) for x in self.value(i).nonzero().unbind(1)]
+            else:
+                out.append(i)
+        return out
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default:  # .item(), int(), bool(): a device-to-host read
+            self.count(func, args, kwargs, None)
+            return self.value(args[0]).item()
+        if func is aten._to_copy.default and args[0].device.type == "meta" and kwargs.get("device") not in (
+                None, torch.device("meta")):  # .cpu(), .tolist()
+            with _disable_current_modes():
+                v = self.values.get(args[0])
+                return (v.clone() if v is not None else torch.empty(args[0].shape, dtype=args[0].dtype)).to(
+                    **{k: x for k, x in kwargs.items() if k in ("dtype", "device")})
+        if func is aten.nonzero.default:
+            self.count(func, args, kwargs, None)
+            return self.to_meta(self.value(args[0]).nonzero())
+        if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default):
+            args = (args[0], self.known_indices(args[1]), *args[2:])
+        out = func(*args, **kwargs)
+        self.count(func, args, kwargs, out)
+        self.carry_values(func, args, kwargs, out)
+        return out
+
+    def carry_values(self, func, args, kwargs, out):
+        """The op again on the CPU values of its inputs, for its small outputs: integer and boolean
+        ones always (zeros stand in for inputs without values), floats when every input has one."""
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type == "meta"]
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        mutated = [t for t in inputs if t.device.type == "meta" and any(t is o for o in outs)]
+        uninitialized = func.overloadpacket.__name__ in UNINITIALIZED
+        if not outs or uninitialized or any(t.numel() > VALUE_NUMEL for t in outs) or "generator" in kwargs:
+            for t in mutated:
+                self.values.pop(t, None)
+            return
+        known = all(t.device.type != "meta" or t in self.values for t in inputs)
+        if not known and all(_is_float(t) for t in outs):
+            for t in mutated:
+                self.values.pop(t, None)
+            return
+        if any(t.device.type == "meta" and t.numel() > VALUE_NUMEL for t in inputs):
+            return
+
+        def on_cpu(x):
+            if isinstance(x, torch.Tensor) and x.device.type == "meta":
+                v = self.values.get(x)
+                if v is None:
+                    v = torch.zeros(x.shape, dtype=x.dtype)
+                    if any(x is o for o in outs):  # mutated in place: it carries a value from now on
+                        self.values[x] = v
+                return v
+            if isinstance(x, torch.device) and x.type == "meta":
+                return torch.device("cpu")
+            return x
+
+        with _disable_current_modes():
+            try:
+                res = func(*tree_map(on_cpu, args), **tree_map(on_cpu, kwargs))
+            except NotImplementedError:  # a GPU-only kernel (FlashAttention's seeds): no values
+                return
+        for t, v in zip(tree_flatten(out)[0], tree_flatten(res)[0]):
+            if isinstance(t, torch.Tensor) and t.device.type == "meta" and (known or not _is_float(t)):
+                self.values[t] = v
+
+    # cost -----------------------------------------------------------------------------------
+
+    def count(self, func, args, kwargs, out):
+        name = func.overloadpacket.__name__
+        if name in NO_KERNEL:
+            return
+        cost = self.costs.setdefault(self.current, PhaseCost(ops={}))
+        cost.launches += 1
+        cost.ops[name] = cost.ops.get(name, 0) + 1
+        if out is None:
+            return
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        nbytes = [t.numel() * t.element_size() for t in tensors + outs]
+        flops = 0
+        if name == "_grouped_mm":
+            a, b = args[0], args[1]
+            flops = grouped_mm_flops(a, b, outs[0])
+            if b.dim() == 3:  # the weight stack: only the experts that get rows are read
+                rows = a.shape[0]
+                nbytes[1] = b.numel() * b.element_size() * distinct_experts(rows, b.shape[0]) / b.shape[0]
+        elif func.overloadpacket in flop_registry:
+            flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        dtype = outs[0].dtype if outs else torch.float32
+        peak = (self.gpu.fp32_flops if dtype == torch.float32 else self.gpu.bf16_flops) * COMPUTE_EFFICIENCY
+        cost.flops += flops
+        cost.gpu_seconds += max(flops / peak, sum(nbytes) / self.gpu.hbm)
+
+
+class HostData(TorchFunctionMode):
+    """torch.tensor(data, device="meta") keeps no data (meta copies nothing): made on the CPU and
+    moved, so that the copy reaches SimulatedGPU, which keeps the values."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and str(kwargs.get("device", "")).startswith("meta"):
+            return func(*args, **{**kwargs, "device": "cpu"}).to("meta")
+        return func(*args, **kwargs)
+
+
+def gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as a CUDA build dispatches it for selfkd's calls (bf16, head
+    dim 128, no dropout): FlashAttention-2 without a mask (it maps the GQA heads itself), the
+    memory-efficient kernel with a boolean mask (as an additive bias, k and v expanded to the
+    query heads)."""
+    if attn_mask is None:
+        return aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+    groups = query.shape[1] // key.shape[1]
+    bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~attn_mask, float("-inf"))
+    bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    return aten._scaled_dot_product_efficient_attention(query, key, value, bias, False, dropout_p, is_causal,
+                                                        scale=scale)[0]
+
+
+_ON_THE_CARD: dict = {}
+
+
+@contextmanager
+def cuda_choices(capability: tuple[int, int]):
+    """What a CUDA build chooses, forced for the simulation and undone after: grouped_mm_pays
+    answers for meta tensors what it answers for CUDA tensors of the same shapes and dtypes on a
+    card of this compute capability; SDPA is gpu_sdpa."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real_pays, sdpa = M.grouped_mm_pays, F.scaled_dot_product_attention
+
+    def on_the_card(x, weights) -> bool:
+        key = (capability, *((tuple(t.shape), t.dtype) for t in (x, *weights)))
+        if key not in _ON_THE_CARD:
+            with _disable_current_modes(), FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # grouped_mm_aligned reads data pointers: a fake one's is 0
+                fake = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (x, *weights)]
+                real_capability = torch.cuda.get_device_capability
+                torch.cuda.get_device_capability = lambda *a: capability
+                try:
+                    _ON_THE_CARD[key] = real_pays(fake[0], fake[1:])
+                finally:
+                    torch.cuda.get_device_capability = real_capability
+        return _ON_THE_CARD[key]
+
+    M.grouped_mm_pays, F.scaled_dot_product_attention = on_the_card, gpu_sdpa
+    try:
+        yield
+    finally:
+        M.grouped_mm_pays, F.scaled_dot_product_attention = real_pays, sdpa
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed's optimizer, in its tensors
+
+
+class SimulatedEngine:
+    """What selfkd.train_step asks of DeepSpeed's engine (module, optimizer.param_groups, backward,
+    step, get_global_grad_norm), holding what DeepSpeed's bf16 ZeRO optimizer holds on one rank of
+    `world`: the fp32 master copy of this rank's 1/world of the LoRA weights (one flat partition),
+    AdamW's two moments on it, the bf16 gradient partition the reduce-scatter fills and the
+    reduce bucket. The step: gradients into the partition, the global norm clipped to 1, AdamW,
+    the new weights back into the bf16 LoRA parameters."""
+
+    def __init__(self, model, world: int, lr: float, reduce_bucket: int):
+        from lora import lora_parameters
+
+        self.module, self.params = model, [p for _, p in lora_parameters(model)]
+        numel = sum(p.numel() for p in self.params)
+        self.shard = math.ceil(numel / world)
+        self.master = torch.nn.Parameter(torch.empty(self.shard, dtype=torch.float32, device="meta"))
+        self.optimizer = torch.optim.AdamW([self.master], lr=lr, foreach=True)
+        self.grad_partition = torch.zeros(self.shard, dtype=torch.bfloat16, device="meta")
+        self.bucket = torch.empty(reduce_bucket, dtype=torch.bfloat16, device="meta")  # whole, as DeepSpeed makes it
+        self.norm = None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss, scale_wrt_gas=False):
+        loss.backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # [numel]: what the reduce-scatter reads
+        self.grad_partition.add_(flat[:self.shard])
+        for p in self.params:
+            p.grad = None
+
+    def step(self):
+        self.master.grad = self.grad_partition.float()
+        self.norm = torch.linalg.vector_norm(self.master.grad)
+        self.master.grad.mul_(torch.clamp(1.0 / (self.norm + 1e-6), max=1.0))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_partition.zero_()
+        weights = self.master.detach().to(torch.bfloat16)  # all-gathered into every rank's LoRA weights
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(weights[:p.numel()].view(-1)[0].expand(p.shape))
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+# ----------------------------------------------------------------------------------------------
+# One simulated rank's training step
+
+
+class StepMemory(MemTracker):
+    """torch's MemTracker, keeping what the phases read: the device's live storages by category and
+    their peak. Its per-module records are off: it refuses a module called twice, and a step calls
+    the model for the teacher, the student and every decode step."""
+
+    def _pre_fw_hook(self, module, inputs):
+        pass
+
+    def _post_fw_hook(self, module, inputs, outputs):
+        pass
+
+    def _pre_bw_hook(self, module, args):
+        pass
+
+    def _post_bw_hook(self, module, args):
+        pass
+
+    def track(self, model, optimizer, *tensors):
+        """The model's parameters, the optimizer's state, other tensors made before, and the gradients as they come."""
+        from torch.distributed._tools.mem_tracker import _MemRefType
+
+        def grad_hook(grad) -> None:
+            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+        self.track_external(model, optimizer, *tensors)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_hook(grad_hook)
+
+    def now(self) -> dict[str, int]:
+        snap = self.get_tracker_snapshot("current").get(torch.device("meta"), {})
+        return {str(k.value if hasattr(k, "value") else k): v for k, v in snap.items()}
+
+    @contextmanager
+    def peak_of(self, into: dict):
+        """The device's peak inside the block, by category, into `into` (the largest seen if repeated)."""
+        meta = torch.device("meta")
+        outer_peak, outer_snap = dict(self._peak_mem), dict(self._peak_mem_snap)
+        current = self.get_tracker_snapshot("current")
+        self._peak_mem_snap = current
+        self._peak_mem = {dev: snap["Total"] for dev, snap in current.items()}
+        try:
+            yield
+        finally:
+            peak = self._peak_mem_snap.get(meta, {})
+            if peak.get("Total", 0) > into.get("Total", 0):
+                into.clear()
+                into.update({str(k.value if hasattr(k, "value") else k): v for k, v in peak.items()})
+            for dev, value in outer_peak.items():  # the outer block's peak includes this one
+                if self._peak_mem.get(dev, 0) < value:
+                    self._peak_mem[dev], self._peak_mem_snap[dev] = value, outer_snap[dev]
+
+
+@dataclass
+class StepReport:
+    branch: str
+    costs: dict  # phase -> PhaseCost
+    memory: dict  # phase -> {category: bytes} at the phase's peak
+    held_after: int  # bytes live after the step and the save: what stays from step to step
+    base_bytes: int  # the base weights, whole
+    lora_bytes: int
+    seconds: float  # this simulation's own wall time
+
+
+PHASES = ("generation", "teacher forward", "student forward", "loss", "backward", "optimizer step",
+          "checkpoint save")
+
+
+@contextmanager
+def fake_group(world: int):
+    """A process group of `world` ranks that are not there (torch's fake backend: collectives return
+    at once). Each is taken to hold what this one holds, so an all-reduce's sum is world times the
+    value here, its min and max the value itself."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist, all_reduce = torch.distributed, torch.distributed.all_reduce
+
+    def same_ranks_all_reduce(t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        work = all_reduce(t, op=op, group=group, async_op=async_op)
+        if op == dist.ReduceOp.SUM:
+            t.mul_(dist.get_world_size(group))
+        return work
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    dist.all_reduce = same_ranks_all_reduce
+    try:
+        yield
+    finally:
+        dist.all_reduce = all_reduce
+        dist.destroy_process_group()
+
+
+def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: int = int(5e8), pad_id: int = 0,
+                  eos_ids=(1,)) -> StepReport:
+    """selfkd.train_step on `branch` ("dataset" or "on-policy"), then the checkpoint's tensors, on one
+    simulated rank of `world`, for the training flags `cfg` (flags.Config) and thinker config `mcfg`."""
+    import selfkd
+    from chat import Batch
+    from lora import adapter_tensors, inject_lora
+
+    started = time.time()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = M.Thinker(mcfg)
+            inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, ",".join(cfg.lora_target_modules),
+                        freeze_vit=cfg.freeze_vit, freeze_aligner=cfg.freeze_aligner)
+    finally:
+        torch.set_default_dtype(default)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    lora_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    engine = SimulatedEngine(model, world, cfg.learning_rate, reduce_bucket)
+
+    B, C = cfg.per_device_train_batch_size, cfg.max_completion_length
+    P = cfg.max_length - C
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(2, 1000, (B, P), generator=g)
+    batch = Batch(prompt, torch.ones(B, P, dtype=torch.long), prompt, torch.ones(B, P, dtype=torch.long),
+                  torch.randint(2, 1000, (B, C), generator=g), torch.ones(B, C, dtype=torch.long))
+
+    sim, memory = SimulatedGPU(gpu), StepMemory()
+    peaks = {name: {} for name in PHASES}
+
+    @contextmanager
+    def phase(name):
+        with sim.phase(name), memory.peak_of(peaks[name]):
+            yield
+
+    def sample(prompt_ids, prompt_mask, media_inputs, media):
+        with phase("generation"):
+            return selfkd.sample_completions(engine, prompt_ids, prompt_mask, None, max_new_tokens=C,
+                                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                             eos_ids=eos_ids, pad_id=pad_id, gather=cfg.gather_for_generation,
+                                             media_inputs=media_inputs, media=media)
+
+    def timed(fn, name_of):
+        def wrapper(*args, **kwargs):
+            with phase(name_of()):
+                return fn(*args, **kwargs)
+        return wrapper
+
+    real = selfkd.completion_hidden, selfkd.chunked_jsd_loss_sum, engine.backward, engine.step
+    selfkd.completion_hidden = timed(real[0], lambda: "student forward" if torch.is_grad_enabled() else
+                                     "teacher forward")
+    selfkd.chunked_jsd_loss_sum = timed(real[1], lambda: "loss")
+    engine.backward, engine.step = timed(real[2], lambda: "backward"), timed(real[3], lambda: "optimizer step")
+    memory.track(model, engine.optimizer, engine.grad_partition, engine.bucket)
+    try:
+        with fake_group(world), cuda_choices(gpu.capability), HostData(), memory, sim:
+            device_batch = selfkd.to_device(batch, "meta")
+            selfkd.train_step(engine, [device_batch], branch, sample, cfg.beta, cfg.temperature, cfg.sft_alpha,
+                              cfg.learning_rate)
+            with phase("checkpoint save"):
+                adapter_tensors(model)
+            held_after = memory.now()["Total"]
+    finally:
+        selfkd.completion_hidden, selfkd.chunked_jsd_loss_sum = real[0], real[1]
+    return StepReport(branch, {k: v for k, v in sim.costs.items() if k in PHASES},
+                      {k: v for k, v in peaks.items() if v}, held_after, base_bytes, lora_bytes, time.time() - started)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: memory beside the plan, launches, time
+
+
+PLAN_PHASES = {"forward + backward": ("student forward", "backward"), "loss": ("loss",),
+               "generation": ("generation",), "checkpoint save": ("checkpoint save",)}
+
+
+def per_gpu(total: float, r: StepReport, stage: int, world: int, generation: bool, gather: bool) -> float:
+    """A measured total with the base weights as a rank holds them: whole under ZeRO-2; 1/world
+    under ZeRO-3, and whole again while generation runs on the gathered thinker. (The step ran on
+    whole weights; ZeRO-3's per-module gathers inside the passes are DeepSpeed's, not executed: the
+    plan's rows for them are added.)"""
+    if stage != 3:
+        return total
+    total += math.ceil(r.base_bytes / world) - r.base_bytes
+    return total + (r.base_bytes + r.lora_bytes if generation and gather else 0)
+
+
+def report(cfg, gpu: GPU, world: int, persistent_numel: int = 0) -> str:
+    """Both branches of the step on `world` simulated `gpu`s: memory per GPU by phase beside the
+    memory plan, kernel launches and estimated time per phase, step time, tokens/s and MFU."""
+    from selfkd import deepspeed_config
+    import memory_plan
+
+    mcfg = M.ThinkerConfig.from_pretrained(cfg.model, towers=False)
+    ds = deepspeed_config(cfg, torch.bfloat16, world_size=world)
+    stage = ds["zero_optimization"]["stage"]
+    plan = memory_plan.plan_for(cfg, ds, world, towers=False, persistent_numel=persistent_numel)
+    branches = ["dataset"] + (["on-policy"] if cfg.lmbda > 0 or cfg.seq_kd else [])
+    bucket = int(ds["zero_optimization"].get("reduce_bucket_size", memory_plan.ZERO_DEFAULTS["reduce_bucket_size"]))
+    runs = {b: simulate_step(cfg, mcfg, gpu, world, b, bucket) for b in branches}
+    last = runs[branches[-1]]
+    B, T, C = cfg.per_device_train_batch_size, cfg.max_length, cfg.max_completion_length
+    lines = [f"simulated: {world} x {gpu.name}, ZeRO-{stage}, bf16; the training step executed on meta tensors "
+             f"({mcfg.num_hidden_layers} layers, {mcfg.num_experts} experts, LoRA r{cfg.lora_rank} on "
+             f"{' '.join(cfg.lora_target_modules)}; micro-batch {B} x {T} tokens, completion {C}); "
+             + ", ".join(f"{b} branch in {r.seconds:.0f} s" for b, r in runs.items()),
+             "", "memory per GPU, GiB: the tracker's peak in each phase (torch MemTracker on the executed step; "
+             "base weights as ZeRO holds them) vs the plan (--estimate_memory)",
+             f"  {'phase':<22}{'simulated':>10}{'plan':>8}{'diff':>8}"]
+    measured = {}
+    for name, phase in [(plan.held.name, plan.held)] + [(p.name, p) for p in plan.phases]:
+        sim_phases = PLAN_PHASES.get(name, ())
+        peaks = [r.memory[s]["Total"] for r in runs.values() for s in sim_phases if s in r.memory]
+        if name == plan.held.name:
+            peaks = [r.held_after for r in runs.values()]
+        if not peaks:
+            continue
+        total = per_gpu(max(peaks), last, stage, world, name == "generation", cfg.gather_for_generation)
+        if stage == 3 and name in ("forward + backward", "loss", "generation") and not (
+                name == "generation" and cfg.gather_for_generation):
+            total += sum(i.nbytes for i in plan.phases[[p.name for p in plan.phases].index(name)].items
+                         if i.what.startswith(("ZeRO-3", memory_plan.FLAT_BUFFER)))
+        measured[name] = total
+        want = plan.held.gpu_bytes() if phase is plan.held else plan.total(phase)
+        lines.append(f"  {name:<22}{total / GiB:>10.1f}{want / GiB:>8.1f}{(total - want) / want:>+8.0%}")
+    peak = max(measured.items(), key=lambda kv: kv[1])
+    lines.append(f"  simulated peak per GPU: {peak[1] / GiB:.1f} GiB in {peak[0]} ({gpu.memory_gib:.0f} GiB usable: "
+                 f"{'fits' if peak[1] / GiB <= gpu.memory_gib else 'does NOT fit'}); plan: {plan.peak_line()}")
+    if stage == 3:
+        lines.append("  (ZeRO-3's per-module gathers inside the passes are DeepSpeed's, not executed: the plan's "
+                     "rows for them are included in both columns)")
+    lines += ["", f"time per phase on {gpu.name}: roofline ({COMPUTE_EFFICIENCY:.0%} of {gpu.bf16_flops / 1e12:.0f} "
+              f"TFLOP/s bf16, {gpu.hbm / 1e12:.2f} TB/s) vs eager launches x {LAUNCH_SECONDS * 1e6:.0f} us",
+              f"  {'branch / phase':<30}{'launches':>10}{'TFLOP':>9}{'GPU s':>8}{'launch s':>9}  bound"]
+    total_flops = {}
+    for b, r in runs.items():
+        seconds = 0.0
+        for name in PHASES:
+            c = r.costs.get(name)
+            if c is None:
+                continue
+            launch = c.launches * LAUNCH_SECONDS
+            compiled = name == "generation" and cfg.compile_decode != "false"
+            # --compile_decode (auto on a GPU): CUDA graphs replay a decode step as one launch
+            t = c.gpu_seconds if compiled else max(c.gpu_seconds, launch)
+            seconds += t
+            lines.append(f"  {b + ' / ' + name:<30}{c.launches:>10,}{c.flops / 1e12:>9.1f}{c.gpu_seconds:>8.3f}"
+                         f"{launch:>9.3f}  {'launches' if launch > c.gpu_seconds else 'GPU'}"
+                         + ("  (CUDA graphs: the GPU's time)" if compiled else ""))
+        total_flops[b] = sum(c.flops for c in r.costs.values())
+        tokens = B * T * world
+        lines.append(f"  {b + ' step':<30} {seconds:.2f} s per step, {tokens / seconds:,.0f} tokens/s over "
+                     f"{world} GPUs, MFU {total_flops[b] / seconds / gpu.bf16_flops:.0%}")
+    lines.append("  not counted: ZeRO-3's all-gathers of the base weights (overlapped with compute by prefetch) "
+                 f"and the gradient reduce-scatter over NVLink ({gpu.nvlink / 1e9:.0f} GB/s)")
+    return "\n".join(lines)
