@@ -115,9 +115,16 @@ class PhaseCost:
     gpu_seconds: float = 0.0  # roofline: each op at max(FLOPs / peak, bytes / bandwidth)
     ops: dict | None = None
 
-    def seconds(self, eager: bool = True) -> float:
-        """The GPU's roofline time or, eager, the host's launch time when longer (they overlap)."""
-        return max(self.gpu_seconds, self.launches * LAUNCH_SECONDS) if eager else self.gpu_seconds
+    def snapshot(self) -> "PhaseCost":
+        return PhaseCost(self.launches, self.flops, self.gpu_seconds, dict(self.ops))
+
+    def add(self, before: "PhaseCost", after: "PhaseCost", times: int):
+        """What happened between two snapshots, `times` more times."""
+        self.launches += times * (after.launches - before.launches)
+        self.flops += times * (after.flops - before.flops)
+        self.gpu_seconds += times * (after.gpu_seconds - before.gpu_seconds)
+        for op, n in after.ops.items():
+            self.ops[op] = self.ops.get(op, 0) + times * (n - before.ops.get(op, 0))
 
 
 class SimulatedGPU(TorchDispatchMode):
@@ -456,10 +463,17 @@ def fake_group(world: int):
         dist.destroy_process_group()
 
 
-def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: int = int(5e8), pad_id: int = 0,
-                  eos_ids=(1,)) -> StepReport:
+def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: int = int(5e8),
+                  decode_steps: int | None = 2, pad_id: int = 0, eos_ids=(1,)) -> StepReport:
     """selfkd.train_step on `branch` ("dataset" or "on-policy"), then the checkpoint's tensors, on one
-    simulated rank of `world`, for the training flags `cfg` (flags.Config) and thinker config `mcfg`."""
+    simulated rank of `world`, for the training flags `cfg` (flags.Config) and thinker config `mcfg`.
+
+    Sampling runs the prefill, and the model for the first `decode_steps` decode steps (None: all);
+    the later ones are identical (static shapes: the whole preallocated cache under a mask, the same
+    ops), so each is counted as a copy of the last one run and hands on its output, while the rest
+    of generate (the draws, the checks for finished rows) runs for every token. Same launches, ops
+    and FLOPs as running them all, and their memory is the steps' run (tests/test_simulate.py).
+    At the released width a decode step is ~5,000 ops, seconds here: 511 would take most of an hour."""
     import selfkd
     from chat import Batch
     from lora import adapter_tensors, inject_lora
@@ -496,11 +510,25 @@ def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: i
             yield
 
     def sample(prompt_ids, prompt_mask, media_inputs, media):
+        """selfkd.sample_completions; its decode steps after the first `decode_steps` counted, not run."""
+        runs = []
+
+        def step(*args):
+            cost = sim.costs["generation"]
+            if decode_steps is None or len(runs) < decode_steps:
+                before = cost.snapshot()
+                out = model.decode_step(*args)
+                runs.append((before, cost.snapshot(), out))
+                return out
+            before, after, out = runs[-1]  # the same step again: its ops, its output's shape
+            cost.add(before, after, 1)
+            return out
+
         with phase("generation"):
             return selfkd.sample_completions(engine, prompt_ids, prompt_mask, None, max_new_tokens=C,
                                              temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                              eos_ids=eos_ids, pad_id=pad_id, gather=cfg.gather_for_generation,
-                                             media_inputs=media_inputs, media=media)
+                                             media_inputs=media_inputs, media=media, step=step)
 
     def timed(fn, name_of):
         def wrapper(*args, **kwargs):

@@ -21,7 +21,8 @@ def flags(*extra):
 
 @pytest.fixture(scope="module")
 def on_policy():
-    return simulate.simulate_step(flags(), SMALL, simulate.GPUS["h100"], 8, "on-policy", reduce_bucket=1 << 20)
+    return simulate.simulate_step(flags(), SMALL, simulate.GPUS["h100"], 8, "on-policy", reduce_bucket=1 << 20,
+                                  decode_steps=None)
 
 
 def test_every_phase_of_the_step_runs_on_the_gpu_paths(on_policy):
@@ -110,3 +111,14 @@ def test_grouped_mm_flops_are_the_groups_matmul_flops():
         counter.get_total_flops()
     assert simulate.distinct_experts(1, 128) == pytest.approx(1.0)
     assert simulate.distinct_experts(32, 128) == pytest.approx(128 * (1 - (127 / 128) ** 32))
+
+
+def test_counting_the_identical_decode_steps_equals_running_them(on_policy):
+    """simulate_step runs two decode steps and counts the rest as their copies: the same launches, ops,
+    FLOPs and roofline time as running every one (on_policy ran all 15), the same memory peak."""
+    counted = simulate.simulate_step(flags(), SMALL, simulate.GPUS["h100"], 8, "on-policy", reduce_bucket=1 << 20,
+                                     decode_steps=2)
+    ran, est = on_policy.costs["generation"], counted.costs["generation"]
+    assert (est.launches, est.ops, est.flops) == (ran.launches, ran.ops, ran.flops)
+    assert est.gpu_seconds == pytest.approx(ran.gpu_seconds, rel=1e-9)
+    assert counted.memory["generation"] == on_policy.memory["generation"]
