@@ -334,14 +334,23 @@ def layer_backward_bytes(block, tokens: int, d: int) -> float:
     return d * (rows * (2 * H + 2 * inter) + 2 * tokens * H)
 
 
-def layer_inference_bytes(block, tokens: int, d: int) -> float:
-    """The most one layer holds at once in a no-grad forward (the prefill): the MoE block's routed
-    copy of its input and its expert outputs, twice while they are concatenated and weighted,
-    plus the residual stream, the norm and the router's probabilities."""
+def layer_inference_bytes(block, tokens: int, d: int, grouped: bool = False) -> float:
+    """The most one layer holds at once in a no-grad forward (the prefill), besides the residual
+    stream, the norm and the router's probabilities. The MoE block on its per-expert loop (a CPU):
+    its routed copy of the input and its expert outputs, twice while they are concatenated and
+    weighted. On the grouped path (a GPU, bf16), at the down projection: the routed copy, gate|up,
+    the SiLU product and the output, with LoRA on the experts the branch's output, scaled, and
+    their sum instead of the output alone (the simulated GPU measures this: simulate.py)."""
     H = block.input_layernorm.weight.shape[0]
     mlp = block.mlp
     if isinstance(mlp, SparseMoE):
-        return d * tokens * (3 * mlp.top_k * H + 3 * H) + 4 * tokens * mlp.experts.num_experts
+        rows, I = tokens * mlp.top_k, mlp.experts.inter
+        if grouped:
+            outputs = 3 if isinstance(mlp.experts, LoRAExperts) else 1
+            moe = rows * (H + 3 * I + outputs * H)
+        else:
+            moe = rows * 3 * H
+        return d * (moe + tokens * 3 * H) + 4 * tokens * mlp.experts.num_experts
     return d * tokens * (3 * H + 3 * mlp.gate_proj.out_features)
 
 
@@ -508,7 +517,8 @@ def generation_phase(r: Run) -> Phase:
     kv = 2 * r.L * r.B * m.num_key_value_heads * (r.P + r.C) * m.head_dim * d
     gen.add(f"KV cache: {r.L} layers x 2 x [{r.B}, {m.num_key_value_heads}, {r.P} + {r.C}, {m.head_dim}]", kv)
     gen.add(f"prefill of {r.B} x {r.P} prompt tokens (no grad, one layer at a time)",
-            layer_inference_bytes(r.biggest, r.B * r.P, d) + r.B * r.P * r.H * d + 6 * r.B * r.V * 4)
+            layer_inference_bytes(r.biggest, r.B * r.P, d, grouped=r.device == "cuda" and d == 2)
+            + r.B * r.P * r.H * d + 6 * r.B * r.V * 4)
     return gen
 
 

@@ -14,10 +14,11 @@ fails here as it would on the GPU: meta kernels check what CUDA kernels check (g
 16-byte rows), and a tensor left on the CPU meets the model's "device" and fails.
 
 A CPU cannot answer three things; they are given here and nowhere else:
-  - what a CUDA build chooses: `Experts.grouped` is grouped_mm_pays's answer for the card (asked
-    on a fake CUDA tensor with its compute capability), and SDPA runs the fused kernel a GPU runs
-    (FlashAttention without a mask, the memory-efficient one with a mask) instead of the math
-    decomposition meta would take (it would materialize [B, heads, T, T]);
+  - what a CUDA build chooses (cuda_choices): grouped_mm_pays answers as for CUDA tensors on the
+    card (asked on fake CUDA tensors with its compute capability); SDPA runs the fused kernel a GPU
+    runs (FlashAttention without a mask, the memory-efficient one with a mask) instead of the math
+    decomposition meta would take (it would materialize [B, heads, T, T]); dropout runs the fused
+    kernel (a boolean mask, not one in the input's dtype);
   - the values the host reads: integer and boolean tensors carry their values (computed on the
     CPU beside the meta tensor: token ids, masks, positions, counts, routing); floats have none
     and read as 0. So routing sends every token to the first top-k experts (shapes do not depend
@@ -39,7 +40,8 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -110,35 +112,39 @@ def distinct_experts(rows: int, experts: int) -> float:
 
 @dataclass
 class PhaseCost:
+    """What a phase launched: kernels, FLOPs, and per card its roofline seconds (each op at
+    max(FLOPs / peak, bytes / bandwidth)), in total and by op."""
     launches: int = 0
     flops: float = 0.0
-    gpu_seconds: float = 0.0  # roofline: each op at max(FLOPs / peak, bytes / bandwidth)
-    ops: dict | None = None
+    ops: Counter = field(default_factory=Counter)  # op name -> launches
+    seconds: Counter = field(default_factory=Counter)  # card -> roofline seconds
+    op_seconds: Counter = field(default_factory=Counter)  # (card, op name) -> roofline seconds
 
     def snapshot(self) -> "PhaseCost":
-        return PhaseCost(self.launches, self.flops, self.gpu_seconds, dict(self.ops))
+        return PhaseCost(self.launches, self.flops, Counter(self.ops), Counter(self.seconds), Counter(self.op_seconds))
 
     def add(self, before: "PhaseCost", after: "PhaseCost", times: int):
         """What happened between two snapshots, `times` more times."""
         self.launches += times * (after.launches - before.launches)
         self.flops += times * (after.flops - before.flops)
-        self.gpu_seconds += times * (after.gpu_seconds - before.gpu_seconds)
-        for op, n in after.ops.items():
-            self.ops[op] = self.ops.get(op, 0) + times * (n - before.ops.get(op, 0))
+        for mine, a, b in ((self.ops, after.ops, before.ops), (self.seconds, after.seconds, before.seconds),
+                           (self.op_seconds, after.op_seconds, before.op_seconds)):
+            for key in a:
+                mine[key] += times * (a[key] - b[key])
 
 
 class SimulatedGPU(TorchDispatchMode):
     """Runs every op on meta; keeps CPU values for small tensors (answers .item(), .tolist(),
     boolean indexing); counts kernel launches and roofline time per phase (`phase`)."""
 
-    def __init__(self, gpu: GPU):
+    def __init__(self, gpus: dict[str, GPU] = GPUS):
         super().__init__()
-        self.gpu, self.values, self.costs, self.current = gpu, WeakTensorKeyDictionary(), {}, "setup"
+        self.gpus, self.values, self.costs, self.current = gpus, WeakTensorKeyDictionary(), {}, "setup"
 
     @contextmanager
     def phase(self, name: str):
         before, self.current = self.current, name
-        self.costs.setdefault(name, PhaseCost(ops={}))
+        self.costs.setdefault(name, PhaseCost())
         try:
             yield self.costs[name]
         finally:
@@ -235,9 +241,9 @@ class SimulatedGPU(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in NO_KERNEL:
             return
-        cost = self.costs.setdefault(self.current, PhaseCost(ops={}))
+        cost = self.costs.setdefault(self.current, PhaseCost())
         cost.launches += 1
-        cost.ops[name] = cost.ops.get(name, 0) + 1
+        cost.ops[name] += 1
         if out is None:
             return
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
@@ -252,10 +258,13 @@ class SimulatedGPU(TorchDispatchMode):
                 nbytes[1] = b.numel() * b.element_size() * distinct_experts(rows, b.shape[0]) / b.shape[0]
         elif func.overloadpacket in flop_registry:
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
-        dtype = outs[0].dtype if outs else torch.float32
-        peak = (self.gpu.fp32_flops if dtype == torch.float32 else self.gpu.bf16_flops) * COMPUTE_EFFICIENCY
+        fp32 = outs and outs[0].dtype == torch.float32
         cost.flops += flops
-        cost.gpu_seconds += max(flops / peak, sum(nbytes) / self.gpu.hbm)
+        for key, gpu in self.gpus.items():
+            peak = (gpu.fp32_flops if fp32 else gpu.bf16_flops) * COMPUTE_EFFICIENCY
+            seconds = max(flops / peak, sum(nbytes) / gpu.hbm)
+            cost.seconds[key] += seconds
+            cost.op_seconds[key, name] += seconds
 
 
 class HostData(TorchFunctionMode):
@@ -284,6 +293,14 @@ def gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
                                                         scale=scale)[0]
 
 
+def gpu_dropout(input, p=0.5, training=True, inplace=False):
+    """F.dropout as CUDA runs it: the fused kernel, whose mask for the backward is boolean (a CPU's,
+    and meta's, is in the input's dtype: twice the memory in bf16)."""
+    if not training or p == 0:
+        return input
+    return torch.native_dropout(input, p, True)[0]
+
+
 _ON_THE_CARD: dict = {}
 
 
@@ -291,10 +308,10 @@ _ON_THE_CARD: dict = {}
 def cuda_choices(capability: tuple[int, int]):
     """What a CUDA build chooses, forced for the simulation and undone after: grouped_mm_pays
     answers for meta tensors what it answers for CUDA tensors of the same shapes and dtypes on a
-    card of this compute capability; SDPA is gpu_sdpa."""
+    card of this compute capability; SDPA is gpu_sdpa, dropout gpu_dropout."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    real_pays, sdpa = M.grouped_mm_pays, F.scaled_dot_product_attention
+    real_pays, sdpa, dropout = M.grouped_mm_pays, F.scaled_dot_product_attention, F.dropout
 
     def on_the_card(x, weights) -> bool:
         key = (capability, *((tuple(t.shape), t.dtype) for t in (x, *weights)))
@@ -310,11 +327,11 @@ def cuda_choices(capability: tuple[int, int]):
                     torch.cuda.get_device_capability = real_capability
         return _ON_THE_CARD[key]
 
-    M.grouped_mm_pays, F.scaled_dot_product_attention = on_the_card, gpu_sdpa
+    M.grouped_mm_pays, F.scaled_dot_product_attention, F.dropout = on_the_card, gpu_sdpa, gpu_dropout
     try:
         yield
     finally:
-        M.grouped_mm_pays, F.scaled_dot_product_attention = real_pays, sdpa
+        M.grouped_mm_pays, F.scaled_dot_product_attention, F.dropout = real_pays, sdpa, dropout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,33 +340,55 @@ def cuda_choices(capability: tuple[int, int]):
 
 class SimulatedEngine:
     """What selfkd.train_step asks of DeepSpeed's engine (module, optimizer.param_groups, backward,
-    step, get_global_grad_norm), holding what DeepSpeed's bf16 ZeRO optimizer holds on one rank of
-    `world`: the fp32 master copy of this rank's 1/world of the LoRA weights (one flat partition),
-    AdamW's two moments on it, the bf16 gradient partition the reduce-scatter fills and the
-    reduce bucket. The step: gradients into the partition, the global norm clipped to 1, AdamW,
-    the new weights back into the bf16 LoRA parameters."""
+    step, get_global_grad_norm), holding on one rank of `world` the tensors DeepSpeed 0.19's bf16
+    ZeRO optimizer holds, when it holds them (`zero`: memory_plan.Zero, from the DeepSpeed config):
+    the fp32 master copy of this rank's 1/world of the LoRA weights (one flat partition) and AdamW's
+    two moments on it, made at initialization as DeepSpeed does; the gradient partition the
+    reduce-scatter fills and the reduce bucket(s): ZeRO-3 keeps them from initialization on, ZeRO-2
+    makes them at the first gradient and drops them after the step. Each LoRA gradient goes into the
+    partition as backward produces it and is dropped (DeepSpeed's hooks). The step: the global norm
+    clipped to 1, AdamW, the new weights back into every LoRA parameter."""
 
-    def __init__(self, model, world: int, lr: float, reduce_bucket: int):
+    def __init__(self, model, world: int, lr: float, zero):
         from lora import lora_parameters
 
-        self.module, self.params = model, [p for _, p in lora_parameters(model)]
+        self.module, self.zero = model, zero
+        self.params = [p for _, p in lora_parameters(model)]
         numel = sum(p.numel() for p in self.params)
         self.shard = math.ceil(numel / world)
-        self.master = torch.nn.Parameter(torch.empty(self.shard, dtype=torch.float32, device="meta"))
+        self.master = torch.nn.Parameter(torch.zeros(self.shard, dtype=torch.float32, device="meta"))
         self.optimizer = torch.optim.AdamW([self.master], lr=lr, foreach=True)
+        self.master.grad = torch.zeros_like(self.master)
+        self.optimizer.step()  # the moments exist from the start (DeepSpeed's _initialize_optimizer_states)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.grad_partition, self.buckets = None, []
+        if zero.stage == 3:
+            self.buffers()
+        self.norm, self.track = None, lambda *tensors: None  # track: the memory tracker's, for buffers made later
+        for p in self.params:  # as DeepSpeed's hooks do: each gradient reduced into the partition as it comes
+            p.register_post_accumulate_grad_hook(self.reduce)
+
+    def buffers(self):
+        """The gradient partition and reduce bucket(s) (flat, in the gradients' dtype); ZeRO-3: now, for good."""
+        bucket = self.zero.reduce_bucket * self.zero.contiguous_gradients
+        count = 1 if self.zero.stage == 3 else 1 + self.zero.overlap_comm
         self.grad_partition = torch.zeros(self.shard, dtype=torch.bfloat16, device="meta")
-        self.bucket = torch.empty(reduce_bucket, dtype=torch.bfloat16, device="meta")  # whole, as DeepSpeed makes it
-        self.norm = None
+        self.buckets = [torch.empty(bucket, dtype=torch.bfloat16, device="meta") for _ in range(count)]
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def backward(self, loss, scale_wrt_gas=False):
+        if self.grad_partition is None:
+            with _disable_current_modes():  # made aside, then tracked as buffers, not as the backward's temporaries
+                self.buffers()
+            self.track(self.grad_partition, *self.buckets)
         loss.backward()
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])  # [numel]: what the reduce-scatter reads
-        self.grad_partition.add_(flat[:self.shard])
-        for p in self.params:
-            p.grad = None
+
+    def reduce(self, p):
+        n = min(p.numel(), self.shard)
+        self.grad_partition[:n].add_(p.grad.reshape(-1)[:n])  # this rank's part of the reduce-scatter
+        p.grad = None
 
     def step(self):
         self.master.grad = self.grad_partition.float()
@@ -358,10 +397,12 @@ class SimulatedEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.grad_partition.zero_()
+        if self.zero.stage != 3:
+            self.grad_partition, self.buckets = None, []
         weights = self.master.detach().to(torch.bfloat16)  # all-gathered into every rank's LoRA weights
         with torch.no_grad():
             for p in self.params:
-                p.copy_(weights[:p.numel()].view(-1)[0].expand(p.shape))
+                p.copy_(weights[0].expand(p.shape))
 
     def get_global_grad_norm(self):
         return self.norm
@@ -388,10 +429,12 @@ class StepMemory(MemTracker):
     def _post_bw_hook(self, module, args):
         pass
 
-    def track(self, model, optimizer, *tensors):
-        """The model's parameters, the optimizer's state, other tensors made before, and the gradients as they come."""
+    def track(self, model, optimizer, master, *tensors):
+        """The model's parameters, the optimizer's state and the weights it steps (`master`), other
+        tensors made before, and the gradients as they come."""
         from torch.distributed._tools.mem_tracker import _MemRefType
 
+        self._update_and_maybe_create_winfos(master, _MemRefType.OPT)
         def grad_hook(grad) -> None:
             self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
@@ -429,9 +472,8 @@ class StepReport:
     branch: str
     costs: dict  # phase -> PhaseCost
     memory: dict  # phase -> {category: bytes} at the phase's peak
-    held_after: int  # bytes live after the step and the save: what stays from step to step
-    base_bytes: int  # the base weights, whole
-    lora_bytes: int
+    held_after: dict  # {category: bytes} live after the step and the save: what stays from step to step
+    params: list  # (elements, trainable, bytes per element) of every parameter, as built
     seconds: float  # this simulation's own wall time
 
 
@@ -463,7 +505,7 @@ def fake_group(world: int):
         dist.destroy_process_group()
 
 
-def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: int = int(5e8),
+def simulate_step(cfg, mcfg, world: int, branch: str, zero, capability: tuple[int, int] = (9, 0),
                   decode_steps: int | None = 2, pad_id: int = 0, eos_ids=(1,)) -> StepReport:
     """selfkd.train_step on `branch` ("dataset" or "on-policy"), then the checkpoint's tensors, on one
     simulated rank of `world`, for the training flags `cfg` (flags.Config) and thinker config `mcfg`.
@@ -490,9 +532,8 @@ def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: i
         torch.set_default_dtype(default)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
-    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    lora_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    engine = SimulatedEngine(model, world, cfg.learning_rate, reduce_bucket)
+    params = [(p.numel(), p.requires_grad, p.element_size()) for p in model.parameters()]
+    engine = SimulatedEngine(model, world, cfg.learning_rate, zero)
 
     B, C = cfg.per_device_train_batch_size, cfg.max_completion_length
     P = cfg.max_length - C
@@ -501,7 +542,7 @@ def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: i
     batch = Batch(prompt, torch.ones(B, P, dtype=torch.long), prompt, torch.ones(B, P, dtype=torch.long),
                   torch.randint(2, 1000, (B, C), generator=g), torch.ones(B, C, dtype=torch.long))
 
-    sim, memory = SimulatedGPU(gpu), StepMemory()
+    sim, memory = SimulatedGPU(), StepMemory()
     peaks = {name: {} for name in PHASES}
 
     @contextmanager
@@ -541,106 +582,169 @@ def simulate_step(cfg, mcfg, gpu: GPU, world: int, branch: str, reduce_bucket: i
                                      "teacher forward")
     selfkd.chunked_jsd_loss_sum = timed(real[1], lambda: "loss")
     engine.backward, engine.step = timed(real[2], lambda: "backward"), timed(real[3], lambda: "optimizer step")
-    memory.track(model, engine.optimizer, engine.grad_partition, engine.bucket)
+    memory.track(model, engine.optimizer, engine.master,
+                 *(t for t in [engine.grad_partition, *engine.buckets] if t is not None))
+    engine.track = memory.track_external
     try:
-        with fake_group(world), cuda_choices(gpu.capability), HostData(), memory, sim:
+        with fake_group(world), cuda_choices(capability), HostData(), memory, sim:
             device_batch = selfkd.to_device(batch, "meta")
             selfkd.train_step(engine, [device_batch], branch, sample, cfg.beta, cfg.temperature, cfg.sft_alpha,
                               cfg.learning_rate)
             with phase("checkpoint save"):
                 adapter_tensors(model)
-            held_after = memory.now()["Total"]
+            held_after = memory.now()
     finally:
         selfkd.completion_hidden, selfkd.chunked_jsd_loss_sum = real[0], real[1]
     return StepReport(branch, {k: v for k, v in sim.costs.items() if k in PHASES},
-                      {k: v for k, v in peaks.items() if v}, held_after, base_bytes, lora_bytes, time.time() - started)
+                      {k: v for k, v in peaks.items() if v}, held_after, params, time.time() - started)
 
 
 # ----------------------------------------------------------------------------------------------
 # The report: memory beside the plan, launches, time
 
 
-PLAN_PHASES = {"forward + backward": ("student forward", "backward"), "loss": ("loss",),
+PLAN_PHASES = {"held all run": (), "forward + backward": ("student forward", "backward"), "loss": ("loss",),
                "generation": ("generation",), "checkpoint save": ("checkpoint save",)}
+ROWS = ("weights", "optimizer state", "gradients", "activations, cache, buffers", "DeepSpeed's gathers (plan, not run)")
 
 
-def per_gpu(total: float, r: StepReport, stage: int, world: int, generation: bool, gather: bool) -> float:
-    """A measured total with the base weights as a rank holds them: whole under ZeRO-2; 1/world
-    under ZeRO-3, and whole again while generation runs on the gathered thinker. (The step ran on
-    whole weights; ZeRO-3's per-module gathers inside the passes are DeepSpeed's, not executed: the
-    plan's rows for them are added.)"""
-    if stage != 3:
-        return total
-    total += math.ceil(r.base_bytes / world) - r.base_bytes
-    return total + (r.base_bytes + r.lora_bytes if generation and gather else 0)
+def plan_row(what: str) -> str:
+    """The row of the comparison a memory plan item belongs to."""
+    if what.startswith(("ZeRO-3 gathered", "ZeRO-3 kept", "  ...and DeepSpeed", "lm_head gathered",
+                        "adapter gathered")):  # DeepSpeed's gathers: not executed here
+        return ROWS[4]
+    if "parameters" in what or "gathered" in what:  # the partitions, the whole model or lm_head gathered
+        return ROWS[0]
+    if "master" in what or "AdamW" in what:
+        return ROWS[1]
+    if what.startswith(("LoRA gradient", "gradient reduce bucket")):
+        return ROWS[2]
+    return ROWS[3]
 
 
-def report(cfg, gpu: GPU, world: int, persistent_numel: int = 0) -> str:
-    """Both branches of the step on `world` simulated `gpu`s: memory per GPU by phase beside the
-    memory plan, kernel launches and estimated time per phase, step time, tokens/s and MFU."""
-    from selfkd import deepspeed_config
+def measured_rows(snapshot: dict, r: StepReport, zero, world: int, whole_model: bool) -> dict:
+    """A MemTracker snapshot in the comparison's rows, the weights as a rank of `world` holds them under
+    `zero` (memory_plan.Zero): whole under ZeRO-2; under ZeRO-3 its 1/world of each tensor, the small
+    persistent ones whole, and (`whole_model`) the gathered thinker beside them while sampling."""
+    weights = sum(n * b for n, _, b in r.params)
+    if zero.stage == 3:
+        held = sum((n if zero.persistent(n, t) else math.ceil(n / world)) * b for n, t, b in r.params)
+        weights = held + (weights if whole_model else 0)
+    return {ROWS[0]: weights, ROWS[1]: snapshot.get("Optstate", 0),
+            ROWS[2]: snapshot.get("Gradient", 0) + snapshot.get("Other", 0),
+            ROWS[3]: sum(snapshot.get(k, 0) for k in ("Activation", "Temp", "Buffer"))}
+
+
+def memory_table(runs: dict, plan, zero, world: int, gather: bool) -> tuple[list[str], float]:
+    """Per phase, the simulated rows beside the plan's (GiB); ZeRO-3's gathers inside the passes are
+    DeepSpeed's and not executed, so the plan's figure stands in both columns. -> (lines, peak bytes)"""
+    lines, peak = [f"  {'phase / what':<40}{'simulated':>10}{'plan':>8}{'diff':>8}"], (0.0, "")
+    for phase in [plan.held, *plan.phases]:
+        names = PLAN_PHASES.get(phase.name, ())
+        snaps = ([r.held_after for r in runs.values()] if not names else
+                 [r.memory[n] for r in runs.values() for n in names if n in r.memory])
+        if not snaps:
+            continue
+        snap = max(snaps, key=lambda m: m["Total"])
+        sim = measured_rows(snap, next(iter(runs.values())), zero, world, phase.name == "generation" and gather)
+        want = dict.fromkeys(ROWS, 0.0)
+        for item in plan.held.items + (phase.items if phase is not plan.held else []):
+            if not item.on_host:
+                want[plan_row(item.what)] += item.nbytes
+        sim[ROWS[4]] = want[ROWS[4]]
+        total, planned = sum(sim.values()), sum(want.values())
+        lines.append(f"  {phase.name:<40}{total / GiB:>10.2f}{planned / GiB:>8.2f}{(total - planned) / planned:>+8.0%}")
+        for row in ROWS:
+            if sim[row] or want[row]:
+                diff = f"{(sim[row] - want[row]) / want[row]:>+8.0%}" if want[row] else f"{'':>8}"
+                lines.append(f"    {row:<38}{sim[row] / GiB:>10.2f}{want[row] / GiB:>8.2f}{diff}")
+        peak = max(peak, (total, phase.name))
+    return lines, peak
+
+
+def report(cfg, card: str, world: int, persistent_numel: int = 0) -> str:
+    """The step of the flags on `world` simulated GPUs of kind `card`, and on one (ZeRO-2): memory per
+    GPU by phase beside the memory plan, kernel launches and estimated time per phase, and per card
+    in GPUS the step times, tokens/s and MFU."""
     import memory_plan
+    from selfkd import deepspeed_config
 
     mcfg = M.ThinkerConfig.from_pretrained(cfg.model, towers=False)
-    ds = deepspeed_config(cfg, torch.bfloat16, world_size=world)
-    stage = ds["zero_optimization"]["stage"]
-    plan = memory_plan.plan_for(cfg, ds, world, towers=False, persistent_numel=persistent_numel)
+    gpu, B, T, C = GPUS[card], cfg.per_device_train_batch_size, cfg.max_length, cfg.max_completion_length
     branches = ["dataset"] + (["on-policy"] if cfg.lmbda > 0 or cfg.seq_kd else [])
-    bucket = int(ds["zero_optimization"].get("reduce_bucket_size", memory_plan.ZERO_DEFAULTS["reduce_bucket_size"]))
-    runs = {b: simulate_step(cfg, mcfg, gpu, world, b, bucket) for b in branches}
-    last = runs[branches[-1]]
-    B, T, C = cfg.per_device_train_batch_size, cfg.max_length, cfg.max_completion_length
-    lines = [f"simulated: {world} x {gpu.name}, ZeRO-{stage}, bf16; the training step executed on meta tensors "
-             f"({mcfg.num_hidden_layers} layers, {mcfg.num_experts} experts, LoRA r{cfg.lora_rank} on "
-             f"{' '.join(cfg.lora_target_modules)}; micro-batch {B} x {T} tokens, completion {C}); "
-             + ", ".join(f"{b} branch in {r.seconds:.0f} s" for b, r in runs.items()),
-             "", "memory per GPU, GiB: the tracker's peak in each phase (torch MemTracker on the executed step; "
-             "base weights as ZeRO holds them) vs the plan (--estimate_memory)",
-             f"  {'phase':<22}{'simulated':>10}{'plan':>8}{'diff':>8}"]
-    measured = {}
-    for name, phase in [(plan.held.name, plan.held)] + [(p.name, p) for p in plan.phases]:
-        sim_phases = PLAN_PHASES.get(name, ())
-        peaks = [r.memory[s]["Total"] for r in runs.values() for s in sim_phases if s in r.memory]
-        if name == plan.held.name:
-            peaks = [r.held_after for r in runs.values()]
-        if not peaks:
-            continue
-        total = per_gpu(max(peaks), last, stage, world, name == "generation", cfg.gather_for_generation)
-        if stage == 3 and name in ("forward + backward", "loss", "generation") and not (
-                name == "generation" and cfg.gather_for_generation):
-            total += sum(i.nbytes for i in plan.phases[[p.name for p in plan.phases].index(name)].items
-                         if i.what.startswith(("ZeRO-3", memory_plan.FLAT_BUFFER)))
-        measured[name] = total
-        want = plan.held.gpu_bytes() if phase is plan.held else plan.total(phase)
-        lines.append(f"  {name:<22}{total / GiB:>10.1f}{want / GiB:>8.1f}{(total - want) / want:>+8.0%}")
-    peak = max(measured.items(), key=lambda kv: kv[1])
-    lines.append(f"  simulated peak per GPU: {peak[1] / GiB:.1f} GiB in {peak[0]} ({gpu.memory_gib:.0f} GiB usable: "
-                 f"{'fits' if peak[1] / GiB <= gpu.memory_gib else 'does NOT fit'}); plan: {plan.peak_line()}")
-    if stage == 3:
-        lines.append("  (ZeRO-3's per-module gathers inside the passes are DeepSpeed's, not executed: the plan's "
-                     "rows for them are included in both columns)")
-    lines += ["", f"time per phase on {gpu.name}: roofline ({COMPUTE_EFFICIENCY:.0%} of {gpu.bf16_flops / 1e12:.0f} "
-              f"TFLOP/s bf16, {gpu.hbm / 1e12:.2f} TB/s) vs eager launches x {LAUNCH_SECONDS * 1e6:.0f} us",
-              f"  {'branch / phase':<30}{'launches':>10}{'TFLOP':>9}{'GPU s':>8}{'launch s':>9}  bound"]
-    total_flops = {}
+    launches = {world} | {1}
+    out, summary = [], []
+    for n in sorted(launches, reverse=True):
+        ds = deepspeed_config(cfg, torch.bfloat16, world_size=n)
+        zero = memory_plan.Zero.from_config(ds, 2, persistent_numel)
+        plan = memory_plan.plan_for(cfg, ds, n, towers=False, persistent_numel=persistent_numel)
+        runs = {b: simulate_step(cfg, mcfg, n, b, zero, gpu.capability) for b in branches}
+        lines, (peak, where) = memory_table(runs, plan, zero, n, cfg.gather_for_generation)
+        out += ["", f"memory per GPU, GiB, ZeRO-{zero.stage} on {n} GPU(s): torch's MemTracker at each phase's peak "
+                f"in the executed step (weights as ZeRO holds them) beside the plan (--estimate_memory)", *lines,
+                f"  simulated peak per GPU: {peak / GiB:.1f} GiB in {where}; plan: {plan.peak_line()}"]
+        base = sum(k * b for k, t, b in runs["dataset"].params if not t)
+        for key, card_gpu in GPUS.items():
+            times = {b: step_seconds(r, key, cfg, zero.stage, n, base) for b, r in runs.items()}
+            flops = {b: sum(c.flops for c in r.costs.values()) for b, r in runs.items()}
+            summary.append(f"  {card_gpu.name:<16} ZeRO-{zero.stage} x{n:<3}{peak / GiB:>7.1f} GiB "
+                           f"{'fits' if peak / GiB <= card_gpu.memory_gib else 'DOES NOT FIT':<13}"
+                           + "".join(f"{b}: {t:.2f} s, {B * T * n / t:,.0f} tok/s, MFU {flops[b] / t / card_gpu.bf16_flops:.0%};  "
+                                     for b, t in times.items()))
+        if n == world:
+            out += phase_table(runs, card, cfg, zero.stage, n, base)
+    head = (f"simulated: the training step of these flags executed on meta tensors ({mcfg.num_hidden_layers} layers, "
+            f"{mcfg.num_experts} experts, LoRA r{cfg.lora_rank} on {' '.join(cfg.lora_target_modules)}, bf16; "
+            f"micro-batch {B} x {T} tokens, completion {C}), on {world} and on 1 simulated GPU(s)")
+    return "\n".join([head, *out, "", "per card (roofline + launches; see the phase table):", *summary])
+
+
+def gather_seconds(r: StepReport, gpu: GPU, stage: int, world: int, base: int, cfg) -> dict:
+    """ZeRO-3's all-gathers of the base weights per phase, at NVLink speed: each rank receives the
+    (world - 1) / world it lacks. The passes gather every layer (the teacher's and the student's
+    forward, and the backward: the recomputation and the layer's own gradients, DeepSpeed keeping
+    the weights between them only for the last layers); sampling gathers once (--gather_for_generation)
+    or at every decode step."""
+    if stage != 3 or world == 1:
+        return {}
+    once = base * (world - 1) / world / gpu.nvlink
+    steps = 1 if cfg.gather_for_generation else cfg.max_completion_length
+    return {"generation": once * steps, "teacher forward": once, "student forward": once, "backward": once}
+
+
+def step_seconds(r: StepReport, card: str, cfg, stage: int, world: int, base: int) -> float:
+    """A step's predicted seconds: per phase the GPU's roofline or the host's launches when longer
+    (eager), except sampling's decode steps under --compile_decode (CUDA graphs: the GPU's time);
+    the passes' gathers overlap their compute (DeepSpeed prefetches), sampling's gather precedes it."""
+    comm = gather_seconds(r, GPUS[card], stage, world, base, cfg)
+    total = 0.0
+    for name, c in r.costs.items():
+        compute = c.seconds[card]
+        if not (name == "generation" and cfg.compile_decode != "false"):
+            compute = max(compute, c.launches * LAUNCH_SECONDS)
+        gather = comm.get(name, 0.0)
+        total += compute + gather if name == "generation" else max(compute, gather)
+    return total
+
+
+def phase_table(runs: dict, card: str, cfg, stage: int, world: int, base: int) -> list[str]:
+    gpu = GPUS[card]
+    lines = ["", f"time per phase on {gpu.name} (ZeRO-{stage} x{world}): roofline at {COMPUTE_EFFICIENCY:.0%} of "
+             f"{gpu.bf16_flops / 1e12:.0f} TFLOP/s bf16 and {gpu.hbm / 1e12:.2f} TB/s; eager launches at "
+             f"{LAUNCH_SECONDS * 1e6:.0f} us each; ZeRO-3 gathers at {gpu.nvlink / 1e9:.0f} GB/s NVLink",
+             f"  {'branch / phase':<30}{'launches':>11}{'TFLOP':>8}{'GPU s':>8}{'launch s':>9}{'gather s':>9}  bound"]
     for b, r in runs.items():
-        seconds = 0.0
-        for name in PHASES:
-            c = r.costs.get(name)
-            if c is None:
-                continue
-            launch = c.launches * LAUNCH_SECONDS
-            compiled = name == "generation" and cfg.compile_decode != "false"
-            # --compile_decode (auto on a GPU): CUDA graphs replay a decode step as one launch
-            t = c.gpu_seconds if compiled else max(c.gpu_seconds, launch)
-            seconds += t
-            lines.append(f"  {b + ' / ' + name:<30}{c.launches:>10,}{c.flops / 1e12:>9.1f}{c.gpu_seconds:>8.3f}"
-                         f"{launch:>9.3f}  {'launches' if launch > c.gpu_seconds else 'GPU'}"
-                         + ("  (CUDA graphs: the GPU's time)" if compiled else ""))
-        total_flops[b] = sum(c.flops for c in r.costs.values())
-        tokens = B * T * world
-        lines.append(f"  {b + ' step':<30} {seconds:.2f} s per step, {tokens / seconds:,.0f} tokens/s over "
-                     f"{world} GPUs, MFU {total_flops[b] / seconds / gpu.bf16_flops:.0%}")
-    lines.append("  not counted: ZeRO-3's all-gathers of the base weights (overlapped with compute by prefetch) "
-                 f"and the gradient reduce-scatter over NVLink ({gpu.nvlink / 1e9:.0f} GB/s)")
-    return "\n".join(lines)
+        comm = gather_seconds(r, gpu, stage, world, base, cfg)
+        for name, c in r.costs.items():
+            launch, compute, gather = c.launches * LAUNCH_SECONDS, c.seconds[card], comm.get(name, 0.0)
+            graphs = name == "generation" and cfg.compile_decode != "false"
+            bound = max(("GPU", compute), ("launches", 0 if graphs else launch), ("NVLink", gather), key=lambda x: x[1])
+            lines.append(f"  {b + ' / ' + name:<30}{c.launches:>11,}{c.flops / 1e12:>8.1f}{compute:>8.3f}{launch:>9.3f}"
+                         f"{gather:>9.3f}  {bound[0]}" + ("  (decode steps as CUDA graphs: launches do not bind)"
+                                                          if graphs else ""))
+        top = sorted(((s, op) for (k, op), s in r.costs["generation"].op_seconds.items() if k == card),
+                     reverse=True)[:5] if "generation" in r.costs else []
+        if top:
+            lines.append("    sampling's GPU time by op: " + ", ".join(f"{op} {s:.2f} s" for s, op in top))
+        lines.append(f"  {b + ' step':<30} {step_seconds(r, card, cfg, stage, world, base):.2f} s")
+    return lines

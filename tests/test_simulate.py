@@ -1,5 +1,7 @@
 """The training step on simulated GPUs (simulate.py): selfkd's CUDA-only branches executed without
 a GPU, at a small config, in seconds. A shape, dtype or device mistake in one of them fails here."""
+import os
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -7,8 +9,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import model_qwen3omni as M
 import simulate
 from flags import parse_args
+from memory_plan import Zero
 from model_qwen3omni import ThinkerConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ZERO3 = Zero.from_config({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1 << 20}}, dtype_bytes=2)
 SMALL = ThinkerConfig(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=64, moe_intermediate_size=64, num_experts=8, num_experts_per_tok=2, vocab_size=1024)
 
@@ -21,7 +26,7 @@ def flags(*extra):
 
 @pytest.fixture(scope="module")
 def on_policy():
-    return simulate.simulate_step(flags(), SMALL, simulate.GPUS["h100"], 8, "on-policy", reduce_bucket=1 << 20,
+    return simulate.simulate_step(flags(), SMALL, 8, "on-policy", ZERO3,
                                   decode_steps=None)
 
 
@@ -44,6 +49,8 @@ def test_every_phase_of_the_step_runs_on_the_gpu_paths(on_policy):
     assert backward["_grouped_mm"] == 16 * layers
     for ops in (gen, student, backward):
         assert "bmm" not in ops and "_safe_softmax" not in ops
+    # LoRA dropout on q, k, v, o and the two expert stacks: the fused kernel (boolean masks)
+    assert student["native_dropout"] == 6 * layers and "bernoulli_" not in student
     assert costs["optimizer step"].ops.get("_foreach_add_", 0) > 0
     assert costs["checkpoint save"].launches > 0
     assert all(c.flops > 0 for name, c in costs.items() if name not in ("optimizer step", "checkpoint save"))
@@ -52,11 +59,11 @@ def test_every_phase_of_the_step_runs_on_the_gpu_paths(on_policy):
 def test_memory_is_measured_per_phase(on_policy):
     """MemTracker's peaks: the weights in every phase, the optimizer's moments after the step, more in
     the passes than what stays between steps."""
-    weights = on_policy.base_bytes + on_policy.lora_bytes
+    weights = sum(n * b for n, _, b in on_policy.params)
     for name in simulate.PHASES:
         assert on_policy.memory[name]["Parameter"] == weights
     assert on_policy.memory["checkpoint save"]["Optstate"] > 0
-    assert on_policy.memory["loss"]["Total"] > on_policy.held_after > weights
+    assert on_policy.memory["loss"]["Total"] > on_policy.held_after["Total"] > weights
 
 
 def test_a_broken_gpu_branch_fails_in_the_simulation(monkeypatch):
@@ -70,7 +77,7 @@ def test_a_broken_gpu_branch_fails_in_the_simulation(monkeypatch):
 
     monkeypatch.setattr(M.Experts, "forward_grouped", forward_grouped)
     with pytest.raises(RuntimeError, match="int32"):
-        simulate.simulate_step(flags(), SMALL, simulate.GPUS["h100"], 8, "dataset", reduce_bucket=1 << 20)
+        simulate.simulate_step(flags(), SMALL, 8, "dataset", ZERO3)
 
 
 def test_the_card_decides_the_expert_path():
@@ -85,7 +92,7 @@ def test_the_card_decides_the_expert_path():
 
 
 def test_host_reads_get_the_values_of_integer_tensors_and_zero_for_floats():
-    sim = simulate.SimulatedGPU(simulate.GPUS["h100"])
+    sim = simulate.SimulatedGPU()
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     with simulate.HostData(), sim:
         m = mask.to("meta")
@@ -116,9 +123,31 @@ def test_grouped_mm_flops_are_the_groups_matmul_flops():
 def test_counting_the_identical_decode_steps_equals_running_them(on_policy):
     """simulate_step runs two decode steps and counts the rest as their copies: the same launches, ops,
     FLOPs and roofline time as running every one (on_policy ran all 15), the same memory peak."""
-    counted = simulate.simulate_step(flags(), SMALL, simulate.GPUS["h100"], 8, "on-policy", reduce_bucket=1 << 20,
+    counted = simulate.simulate_step(flags(), SMALL, 8, "on-policy", ZERO3,
                                      decode_steps=2)
     ran, est = on_policy.costs["generation"], counted.costs["generation"]
     assert (est.launches, est.ops, est.flops) == (ran.launches, ran.ops, ran.flops)
-    assert est.gpu_seconds == pytest.approx(ran.gpu_seconds, rel=1e-9)
+    assert set(est.seconds) == set(simulate.GPUS)
+    for card in simulate.GPUS:
+        assert est.seconds[card] == pytest.approx(ran.seconds[card], rel=1e-9)
     assert counted.memory["generation"] == on_policy.memory["generation"]
+
+
+def test_the_command_prints_memory_beside_the_plan_and_time_per_card():
+    """`selfkd.py check --simulate_gpu` on the embedded default: the memory table per launch (2 GPUs
+    ZeRO-3, 1 GPU ZeRO-2) beside the plan, the phase table, and a line per card; a bad card: one line."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "selfkd.py", "check", "--simulate_gpu", "h200", "--nproc_per_node", "2",
+                          "--lmbda", "0", "--max_length", "128", "--max_completion_length", "16", "--dataset",
+                          "data/sample_alpaca.jsonl"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "ZeRO-3 on 2 GPU(s)" in out and "ZeRO-2 on 1 GPU(s)" in out and "time per phase on H200" in out
+    assert out.count("simulated peak per GPU") == 2 and "dataset / backward" in out
+    assert [line.split()[:2] for line in out.splitlines()[-4:]] == [["H100", "SXM"], ["H200", "SXM"]] * 2
+    bad = subprocess.run([sys.executable, "selfkd.py", "--simulate_gpu", "a100"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "selfkd: error: argument --simulate_gpu: invalid choice: 'a100' (choose from 'h100', 'h200')"]
