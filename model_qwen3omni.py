@@ -326,9 +326,12 @@ class Attention(nn.Module):
         # aligns the triangle top-left, right only when queries and keys are the same tokens.
         if mask is None and cache is not None:
             raise ValueError("attention over a KV cache needs the boolean mask")
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)  # [B, H, T, D]
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if T == 1 and mask is not None:  # a decode step: each kv head's query heads as its rows, so no
+            # kernel copies k and v per query head (a GPU's masked GQA does: simulate.py measured it)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.reshape(B, self.n_heads, T, -1).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
