@@ -200,12 +200,14 @@ class Config:
         "the processes run.sh would start"
     )
     simulate_gpu: str | None = _flag(
-        None, "run the training step on simulated GPUs of this kind and exit: the CUDA path executed on "
-        "tensors without data (config.json alone), memory measured by phase beside --estimate_memory's plan, "
-        "kernel launches counted, step time and MFU estimated (simulate.py)", choices=("h100", "h200"), type=str
+        None, "run the training step on simulated GPUs of this kind (--world_size of them, and one) and exit: "
+        "the CUDA path executed on tensors without data (config.json alone), memory measured by phase beside "
+        "--estimate_memory's plan, kernel launches counted, step time and MFU estimated (simulate.py)",
+        choices=("h100", "h200"), type=str
     )
     world_size: int | None = _flag(
-        None, "processes (GPUs) --estimate_memory and --simulate_gpu plan for (None: $WORLD_SIZE, else the local GPUs, else 1)",
+        None, "processes (GPUs) --estimate_memory and --simulate_gpu plan for (None: $WORLD_SIZE, else the "
+        "local GPUs, else 1; --simulate_gpu: else 8)",
         type=parse_optional_int
     )
     # --- outputs ---
@@ -257,7 +259,8 @@ COMMANDS = {
     "launch": "check in one process, then train on --nproc_per_node N local processes (torchrun); exit "
               "codes and messages as for one process",
     "check": "validate flags, model directory and dataset and print the plan; start nothing (with "
-             "--estimate_memory: the per-GPU memory plan for --nproc_per_node processes instead)",
+             "--estimate_memory: the per-GPU memory plan for --nproc_per_node processes instead; with "
+             "--simulate_gpu h100|h200: the step executed on that many simulated GPUs and on one)",
     "evaluate": "eval JSD per token on a dataset's held-out split, of the base and of --adapter",
     "generate": "completions for the prompts in --prompts FILE, with --adapter (or the base without it)",
     "export": "merge --adapter into the base and write the released checkpoint layout to --out DIR",
@@ -267,6 +270,7 @@ COMMANDS = {
 
 USAGE = """selfkd [train] [--flag value ...]
        selfkd --estimate_memory [--world_size N] [--flag value ...]
+       selfkd --simulate_gpu h100|h200 [--world_size N] [--flag value ...]
        selfkd launch [--nproc_per_node N] [--flag value ...]
        selfkd check [--nproc_per_node N] [--flag value ...]
        selfkd evaluate [--adapter CHECKPOINT] [--flag value ...]

@@ -15,8 +15,9 @@
 #   bash run.sh --help                        every flag and command
 #   bash run.sh check [flags]                 validate flags, model and data for this launch; start nothing
 #   bash run.sh check --estimate_memory [flags]   what each GPU of this launch will hold, by phase (config.json only)
+#   bash run.sh check --simulate_gpu h100|h200 [flags]   the step executed on simulated GPUs: memory, launches, time
 #   bash run.sh evaluate|generate|export|curve ...   after training, in one process (see --help)
-#   HOSTFILE=/path/hostfile MODEL=... bash run.sh   multi-node through DeepSpeed's launcher
+#   HOSTFILE=/path/hostfile MODEL=... bash run.sh   multi-node through DeepSpeed's launcher (lines `node1 slots=8`)
 #   NPROC=4 bash run.sh                       override the number of processes on this node
 #
 # Bad flags, a bad model directory or bad data stop before any rank starts: one line
