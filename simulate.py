@@ -288,7 +288,8 @@ def gpu_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
     groups = query.shape[1] // key.shape[1]
     bias = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~attn_mask, float("-inf"))
     bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     return aten._scaled_dot_product_efficient_attention(query, key, value, bias, False, dropout_p, is_causal,
                                                         scale=scale)[0]
 

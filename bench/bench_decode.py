@@ -80,60 +80,32 @@ def launches(fn) -> int:
     return count
 
 
-VIEW_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "unsqueeze", "squeeze", "slice", "select",
-            "alias", "permute", "split", "split_with_sizes", "unbind", "detach", "_reshape_alias", "lift_fresh"}
-
-
 def released_width_kernels(batch: int, prompt: int, completion: int) -> tuple[int, dict]:
     """Kernels one eager decode step launches on a GPU at the released width (48 layers, 128 experts
-    top-8, LoRA r8 on ALL, bf16): the step run on the meta device (shapes only, no data, seconds),
-    counting the aten ops dispatched except views, with the experts on their GPU path (grouped_mm,
-    forced: grouped_mm_pays says yes only on a real CUDA device) and SDPA counted once per call
-    (on meta it decomposes into its math ops; on a GPU it is one fused kernel)."""
-    import torch.nn.functional as F
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    top-8, LoRA r8 on ALL, bf16): the step run on the meta device (shapes only, no data, seconds)
+    under simulate.py's simulated GPU, which counts the ops that launch a kernel, with the kernels a
+    CUDA build chooses (the grouped experts, SDPA's fused kernel)."""
     import model_qwen3omni as M
+    import simulate
     from lora import inject_lora
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops, self.inside_sdpa = {}, False
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.overloadpacket.__name__
-            if name not in VIEW_OPS and not self.inside_sdpa:
-                self.ops[name] = self.ops.get(name, 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    counter, sdpa = Count(), F.scaled_dot_product_attention
-
-    def one_kernel(*args, **kwargs):
-        counter.ops["scaled_dot_product_attention"] = counter.ops.get("scaled_dot_product_attention", 0) + 1
-        counter.inside_sdpa = True
-        try:
-            return sdpa(*args, **kwargs)
-        finally:
-            counter.inside_sdpa = False
-
-    cfg, default, grouped = M.ThinkerConfig(), torch.get_default_dtype(), M.Experts.grouped
+    cfg, default = M.ThinkerConfig(), torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    M.Experts.grouped, F.scaled_dot_product_attention = True, one_kernel
     try:
         with torch.device("meta"):
             model = M.Thinker(cfg)
             inject_lora(model, rank=8, alpha=16, dropout=0.05, targets="ALL", seed=0)
             cache = M.KVCache(cfg, batch, prompt + completion, torch.bfloat16, "meta")
-            key_valid = torch.zeros(batch, prompt + completion, dtype=torch.bool)
-            ids, pos = torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long)
-            index = torch.tensor([prompt])
-        with torch.no_grad(), counter:
-            model.eval().lm_head(model.decode_step(ids, pos, cache, index, key_valid))
     finally:
         torch.set_default_dtype(default)
-        M.Experts.grouped, F.scaled_dot_product_attention = grouped, sdpa
-    return sum(counter.ops.values()), counter.ops
+    key_valid = torch.zeros(batch, prompt + completion, dtype=torch.bool, device="meta")
+    ids = pos = torch.zeros(batch, 1, dtype=torch.long, device="meta")
+    index = torch.tensor([prompt], device="meta")
+    gpu = simulate.SimulatedGPU()
+    with torch.no_grad(), simulate.cuda_choices((9, 0)), gpu:
+        model.eval().lm_head(model.decode_step(ids, pos, cache, index, key_valid))
+    ops = dict(gpu.costs["setup"].ops)
+    return sum(ops.values()), ops
 
 
 def main(argv=None):

@@ -79,14 +79,15 @@ def test_the_alignment_grouped_mm_pays_checks_is_the_kernels():
 
 def test_an_eager_decode_step_at_the_released_width_takes_the_gpu_paths():
     """bench_decode's count of the kernels a decode step launches on a GPU runs the released 48-layer
-    thinker with LoRA on ALL in bf16 on the meta device: one attention kernel per layer, and per MoE
-    layer two grouped matmuls for the experts and four for their LoRA (no per-expert loop, no copy
-    of the routed weights: on a GPU in bf16 the grouped path pays, also for a decode step)."""
+    thinker with LoRA on ALL in bf16 on the meta device: one attention kernel per layer on the
+    cache's kv heads (no copy of k and v per query head), and per MoE layer two grouped matmuls for
+    the experts and four for their LoRA (no per-expert loop, no copy of the routed weights: on a GPU
+    in bf16 the grouped path pays, also for a decode step)."""
     from bench_decode import released_width_kernels
 
     total, ops = released_width_kernels(batch=4, prompt=256, completion=64)
     layers = ThinkerConfig().num_hidden_layers
-    assert ops["scaled_dot_product_attention"] == layers
+    assert ops["_scaled_dot_product_efficient_attention"] == layers and "repeat_interleave" not in ops
     assert ops["_grouped_mm"] == 6 * layers
     # the grouped path's own gathers: the token rows and their weights into expert order, per layer
     # (the routed path would index the weight stacks too: 6 more per layer)
