@@ -181,10 +181,11 @@ class SimulatedGPU(TorchDispatchMode):
             return self.value(args[0]).item()
         if func is aten._to_copy.default and args[0].device.type == "meta" and kwargs.get("device") not in (
                 None, torch.device("meta")):  # .cpu(), .tolist()
+            t, to = args[0], {k: x for k, x in kwargs.items() if k in ("dtype", "device")}
             with _disable_current_modes():
-                v = self.values.get(args[0])
-                return (v.clone() if v is not None else torch.empty(args[0].shape, dtype=args[0].dtype)).to(
-                    **{k: x for k, x in kwargs.items() if k in ("dtype", "device")})
+                if t.numel() > VALUE_NUMEL and t not in self.values:  # e.g. the adapter's weights, to be written
+                    return torch.empty(t.shape, dtype=t.dtype).to(**to)
+                return self.value(t).clone().to(**to)
         if func is aten.nonzero.default:
             self.count(func, args, kwargs, None)
             return self.to_meta(self.value(args[0]).nonzero())
@@ -200,18 +201,15 @@ class SimulatedGPU(TorchDispatchMode):
         ones always (zeros stand in for inputs without values), floats when every input has one."""
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type == "meta"]
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        mutated = [t for t in inputs if t.device.type == "meta" and any(t is o for o in outs)]
-        uninitialized = func.overloadpacket.__name__ in UNINITIALIZED
-        if not outs or uninitialized or any(t.numel() > VALUE_NUMEL for t in outs) or "generator" in kwargs:
-            for t in mutated:
-                self.values.pop(t, None)
+        if not outs:
             return
         known = all(t.device.type != "meta" or t in self.values for t in inputs)
-        if not known and all(_is_float(t) for t in outs):
-            for t in mutated:
-                self.values.pop(t, None)
-            return
-        if any(t.device.type == "meta" and t.numel() > VALUE_NUMEL for t in inputs):
+        small = all(t.numel() <= VALUE_NUMEL for t in outs + inputs if t.device.type == "meta")
+        if (not small or func.overloadpacket.__name__ in UNINITIALIZED or "generator" in kwargs
+                or not known and all(_is_float(t) for t in outs)):
+            for t in inputs:  # written in place: what it held is gone
+                if any(t is o for o in outs):
+                    self.values.pop(t, None)
             return
 
         def on_cpu(x):
