@@ -668,6 +668,7 @@ def report(cfg, card: str, world: int, persistent_numel: int = 0) -> str:
     import memory_plan
     from selfkd import deepspeed_config
 
+    started = time.time()
     mcfg = M.ThinkerConfig.from_pretrained(cfg.model, towers=False)
     gpu, B, T, C = GPUS[card], cfg.per_device_train_batch_size, cfg.max_length, cfg.max_completion_length
     branches = ["dataset"] + (["on-policy"] if cfg.lmbda > 0 or cfg.seq_kd else [])
@@ -694,8 +695,11 @@ def report(cfg, card: str, world: int, persistent_numel: int = 0) -> str:
             out += phase_table(runs, card, cfg, zero.stage, n, base)
     head = (f"simulated: the training step of these flags executed on meta tensors ({mcfg.num_hidden_layers} layers, "
             f"{mcfg.num_experts} experts, LoRA r{cfg.lora_rank} on {' '.join(cfg.lora_target_modules)}, bf16; "
-            f"micro-batch {B} x {T} tokens, completion {C}), on {world} and on 1 simulated GPU(s)")
-    return "\n".join([head, *out, "", "per card (roofline + launches; see the phase table):", *summary])
+            f"micro-batch {B} x {T} tokens, completion {C}), on {world} and on 1 simulated GPU(s), text rows")
+    if memory_plan.dataset_has_media(cfg.dataset):
+        head += "\nnote: the dataset has media rows; the towers and their activations are not simulated"
+    return "\n".join([head, *out, "", "per card (roofline + launches; see the phase table):", *summary,
+                      f"(simulated in {time.time() - started:.0f} s)"])
 
 
 def gather_seconds(r: StepReport, gpu: GPU, stage: int, world: int, base: int, cfg) -> dict:

@@ -146,7 +146,7 @@ def test_the_command_prints_memory_beside_the_plan_and_time_per_card():
     out = run.stdout
     assert "ZeRO-3 on 2 GPU(s)" in out and "ZeRO-2 on 1 GPU(s)" in out and "time per phase on H200" in out
     assert out.count("simulated peak per GPU") == 2 and "dataset / backward" in out
-    assert [line.split()[:2] for line in out.splitlines()[-4:]] == [["H100", "SXM"], ["H200", "SXM"]] * 2
+    assert [line.split()[:2] for line in out.splitlines()[-5:-1]] == [["H100", "SXM"], ["H200", "SXM"]] * 2
     bad = subprocess.run([sys.executable, "selfkd.py", "--simulate_gpu", "a100"], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
