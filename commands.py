@@ -457,7 +457,7 @@ def simulate_command(cfg: Config, world: int | None = None) -> None:
     if cfg.model is None:
         cfg.model = ensure_default_model()
     world = cfg.world_size or world or int(os.environ.get("WORLD_SIZE", 0)) or 8
-    print(simulate.report(cfg, simulate.GPUS[cfg.simulate_gpu], world, persistent_numel=ZERO3_PERSISTENT_NUMEL),
+    print(simulate.report(cfg, cfg.simulate_gpu, world, persistent_numel=ZERO3_PERSISTENT_NUMEL),
           flush=True)
 
 
