@@ -80,6 +80,9 @@ COMPUTE_EFFICIENCY = 0.75  # of the datasheet FLOP/s a large GEMM reaches (torch
 LAUNCH_SECONDS = 5e-6
 UNINITIALIZED = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"}  # no values to carry
 VALUE_NUMEL = 1 << 22  # tensors up to this size carry values on the CPU beside the meta tensor
+# ops whose memory traffic is the rows they touch, not the whole tensor they index
+GATHERS = {"embedding", "index", "index_select", "gather"}
+SCATTERS = {"index_copy_", "index_put_", "_index_put_impl_", "index_fill_", "scatter_", "scatter_add_"}
 # ops that launch no kernel: views, metadata, allocation without initialization
 NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "unsqueeze", "squeeze", "slice",
              "select", "alias", "permute", "split", "split_with_sizes", "unbind", "detach", "_reshape_alias",
@@ -244,16 +247,21 @@ class SimulatedGPU(TorchDispatchMode):
         cost.ops[name] += 1
         if out is None:
             return
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        nbytes = [t.numel() * t.element_size() for t in tensors + outs]
+        nbytes = [size(t) for t in tensors + outs]
+        if name in GATHERS:  # reads only the rows it returns
+            nbytes[0] = sum(size(t) for t in outs)
+        elif name in SCATTERS:  # reads and writes only the rows it is given, in place
+            nbytes = [2 * size(t) for t in tensors[1:]]
         flops = 0
         if name == "_grouped_mm":
             a, b = args[0], args[1]
             flops = grouped_mm_flops(a, b, outs[0])
             if b.dim() == 3:  # the weight stack: only the experts that get rows are read
                 rows = a.shape[0]
-                nbytes[1] = b.numel() * b.element_size() * distinct_experts(rows, b.shape[0]) / b.shape[0]
+                nbytes[1] = size(b) * distinct_experts(rows, b.shape[0]) / b.shape[0]
         elif func.overloadpacket in flop_registry:
             flops = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
         fp32 = outs and outs[0].dtype == torch.float32

@@ -14,8 +14,8 @@
 #   attention    bench/bench_attention.py --device cuda: a left-padded prompt + right-padded completion
 #                batch, SDPA with the boolean mask vs without (pads rolled last, is_causal): equal hidden
 #                states and LoRA gradients, which SDPA kernels ran (FlashAttention unmasked?), time
-#   memory_plan  python selfkd.py ... --estimate_memory for the checkpoint bench_gkd builds (only if this
-#                checkout has the flag; run after bench_gkd, whose memory section measures the peak)
+#   simulated    python selfkd.py ... --simulate_gpu h100 for the checkpoint bench_gkd builds: the memory
+#                plan, the simulated step's memory and predicted times, beside bench_gkd's measurements
 #
 # What bench_gkd measures (bench/bench_gkd.py --device cuda --dtype bfloat16 --real-width):
 #   model    hidden 2048, 32/4 heads x 128, 128 experts top-8, expert intermediate 768, vocab 152064,
@@ -80,13 +80,10 @@ timeout "$BUDGET_S" "$PYTHON" bench/bench_gkd.py --device cuda --dtype bfloat16 
   --only step,memory,loss,gen,moe --no-gc-row --ckpt-dir /tmp/selfkd_bench \
   --json "$OUT/bench_gkd_gpu.json" 2>&1 | tee "$OUT/bench_gkd_gpu.txt" || echo "bench_gkd failed (exit $?)"
 
-# The memory plan for the same checkpoint and batch, one process (only when selfkd.py has --estimate_memory).
-# Compare its peak with the memory section above (torch.cuda.max_memory_allocated of the benchmark's step).
-if "$PYTHON" selfkd.py --help 2>/dev/null | grep -q -- '--estimate_memory'; then
-  CKPT=/tmp/selfkd_bench/h2048-l${LAYERS}-e128k8-i768-v152064-bf16
-  timeout 60 "$PYTHON" selfkd.py --model "$CKPT" --dataset data/sample_alpaca.jsonl --torch_dtype bfloat16 \
-    --per_device_train_batch_size 4 --max_length $((PROMPT + COMPLETION)) --max_completion_length "$COMPLETION" \
-    --estimate_memory --world_size 1 2>&1 | tee "$OUT/memory_plan_gpu.txt" || echo "--estimate_memory failed (exit $?)"
-else
-  echo "selfkd.py has no --estimate_memory here (or --help failed): no memory plan"
-fi
+# The plan for the same checkpoint and batch on one GPU: the memory plan and the simulated step
+# (simulate.py: memory per phase, launches, predicted step time on H100/H200), to compare with the
+# measured step and memory above.
+CKPT=/tmp/selfkd_bench/h2048-l${LAYERS}-e128k8-i768-v152064-bf16
+timeout 180 "$PYTHON" selfkd.py --model "$CKPT" --dataset data/sample_alpaca.jsonl --torch_dtype bfloat16 \
+  --per_device_train_batch_size 4 --max_length $((PROMPT + COMPLETION)) --max_completion_length "$COMPLETION" \
+  --simulate_gpu h100 --world_size 1 2>&1 | tee "$OUT/simulated_gpu.txt" || echo "--simulate_gpu failed (exit $?)"

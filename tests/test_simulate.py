@@ -151,3 +151,18 @@ def test_the_command_prints_memory_beside_the_plan_and_time_per_card():
                          cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "selfkd: error: argument --simulate_gpu: invalid choice: 'a100' (choose from 'h100', 'h200')"]
+
+
+def test_gathers_and_scatters_cost_the_rows_they_touch():
+    """An embedding lookup reads the rows it returns, not the table; writing a decode step's k into
+    the cache reads and writes that slice, not the cache: their roofline seconds are those bytes."""
+    sim, hbm = simulate.SimulatedGPU(), simulate.GPUS["h100"].hbm
+    table = torch.empty(100_000, 1024, dtype=torch.bfloat16, device="meta")
+    cache, new = (torch.empty(4, 4, n, 128, dtype=torch.bfloat16, device="meta") for n in (4096, 1))
+    ids = torch.zeros(4, 1, dtype=torch.long, device="meta")
+    with sim:
+        torch.nn.functional.embedding(ids, table)
+        cache.index_copy_(2, torch.zeros(1, dtype=torch.long, device="meta"), new)
+    cost = sim.costs["setup"].op_seconds
+    assert cost["h100", "embedding"] == pytest.approx((2 * 4 * 1024 * 2 + 4 * 8) / hbm)
+    assert cost["h100", "index_copy_"] == pytest.approx(2 * (8 + 4 * 4 * 128 * 2) / hbm)
