@@ -50,9 +50,10 @@ GiB = 2**30
 ZERO_DEFAULTS = {"reduce_bucket_size": 5e8, "contiguous_gradients": True, "stage3_prefetch_bucket_size": 5e7,
                  "stage3_max_live_parameters": 1e9, "stage3_param_persistence_threshold": 1e5,
                  "stage3_max_reuse_distance": 1e9}
-# ZeRO-3 gathers a module's parameters into one flat buffer, then copies each out (torch.cat), so
-# while it splits them both exist (deepspeed/runtime/zero/partition_parameters.py)
-FLAT_BUFFER = "  ...and DeepSpeed's flat all-gather buffer while it splits them into parameters"
+# ZeRO-3 gathers a prefetch's parameters into one flat buffer and copies each out (torch.cat); the
+# buffer lives until the last of them is used (deepspeed/runtime/zero/partition_parameters.py,
+# AllGatherCoalescedHandle; partitioned_param_coordinator.py, the in-flight registry)
+FLAT_BUFFER = "  ...and DeepSpeed's flat all-gather buffer of the prefetch, until its last parameter is used"
 GPU_ROWS_PER_BLOCK = 64  # loss.py: rows of the fp32 work buffers per block on a GPU
 LOSS_WORK_BUFFERS = 9  # loss.py: WORK_BUFFERS + 2 fp32 copies of lower-precision rows
 LOSS_CHUNK = 1024  # loss.py: chunk_size of chunked_jsd_loss_sum / sft_loss_sum
@@ -221,25 +222,28 @@ class Zero:
                    grad_bytes=4 if accum in ("fp32", "float32", "float") else dtype_bytes)
 
 
-def zero3_gathered(units: list[Unit], zero: Zero) -> tuple[int, int, str]:
-    """(fetched, kept, where): the most parameter elements ZeRO-3 holds gathered at once in a training
-    step, as the module running plus its prefetch, and the ones kept for their next use.
+def zero3_gathered(units: list[Unit], zero: Zero) -> tuple[int, int, int, str]:
+    """(fetched, bucket, kept, where): what ZeRO-3 holds gathered at the step's peak (the last
+    layer's backward; the same set during the loss), as the module running plus its prefetch, the
+    prefetch's flat all-gather buffer, and the ones kept for their next use.
 
     fetched: the module running is gathered whole (the MoE block with all its experts and their
     LoRA, whatever the tokens route to); once the step's fetch order is known (selfkd records one
     per optimizer step), DeepSpeed also prefetches the parameters that come next, one by one, until
     stage3_prefetch_bucket_size elements are on their way (the last one whole: often the next
     layer's expert stack), while fewer than stage3_max_live_parameters are gathered.
+    bucket: a prefetch's flat buffer; each parameter's in-flight entry holds it until that
+    parameter's own module fetches it, so it lives until the next layer's expert stack is used.
     kept: a module's parameters stay gathered after it ran when they are used again within
     stage3_max_reuse_distance elements of fetches. Counting as DeepSpeed does (a leaf module looks
     ahead over whole subtrees, any other module over modules' own parameters), that keeps the last
-    layer's MoE block from the teacher pass into the student pass and from the student's forward
-    into its backward, and the attention of the last layers whose recomputation comes soon enough:
+    layer's MoE block from the student's forward into its backward (the module running at the
+    peak: in fetched) and the attention of the last layers whose recomputation comes soon enough:
     between a layer's forward and its recomputation lie the rest of the forward and, per later
-    layer, its recomputation and backward, three times its attention.
-    Parameters small enough to persist are always there and not counted here."""
+    layer, its recomputation and backward, three times its attention (the next layer's is in the
+    prefetch). Parameters small enough to persist are always there and not counted here."""
     sizes = [[n for n, trainable in u.params if not zero.persistent(n, trainable)] for u in units]
-    fetched, where = 0, ""
+    fetched, bucket, where = 0, 0, ""
     for i, unit in enumerate(units):
         current = sum(sizes[i])
         budget = min(zero.prefetch_bucket, max(0, zero.max_live - current))
@@ -250,6 +254,7 @@ def zero3_gathered(units: list[Unit], zero: Zero) -> tuple[int, int, str]:
                     break
                 ahead += n
             j += 1
+        bucket = max(bucket, ahead)
         if current + ahead > fetched:
             fetched, where = current + ahead, unit.name
     kept = 0
@@ -259,13 +264,13 @@ def zero3_gathered(units: list[Unit], zero: Zero) -> tuple[int, int, str]:
             if u.name.startswith("layers.") and not u.leaf:
                 i = int(u.name.split(".")[1])
                 layers[i] = layers.get(i, 0) + sum(size)
-        leaves = [sum(size) for u, size in zip(units, sizes) if u.leaf]
-        kept = max(leaves, default=0)
         attention = max(layers.values(), default=0)
         if attention:
-            kept += min(len(layers), zero.reuse_distance // (3 * attention) + 1) * attention
+            kept_layers = min(len(layers), zero.reuse_distance // (3 * attention) + 1)
+            kept = max(0, kept_layers - (zero.prefetch_bucket > 0)) * attention
     total = sum(map(sum, sizes))
-    return min(fetched, total), min(kept, total - min(fetched, total)), where
+    fetched = min(fetched, total)
+    return fetched, min(bucket, total), min(kept, total - fetched), where
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,21 +421,18 @@ class Run:
             kept += sum(self.counts.numel(f"layers.{i}.mlp.") for i in range(self.L)) * self.d
         return kept
 
-    def gathered(self) -> tuple[int, int, str]:
-        return zero3_gathered(self.counts.units, self.zero) if self.zero.stage == 3 else (0, 0, "")
+    def gathered(self) -> tuple[int, int, int, str]:
+        return zero3_gathered(self.counts.units, self.zero) if self.zero.stage == 3 else (0, 0, 0, "")
 
     def add_gathered(self, phase: Phase):
-        """ZeRO-3's gathered parameters (zero3_gathered) and the flat buffer of the fetch."""
-        fetched, kept, where = self.gathered()
+        """ZeRO-3's gathered parameters (zero3_gathered), the flat buffer of the prefetch, the kept ones."""
+        fetched, bucket, kept, where = self.gathered()
         z = self.zero
         phase.add(f"ZeRO-3 gathered: {where} ({fetched / 1e6:.0f}M, the module running + prefetch "
                   f"{z.prefetch_bucket:.0e}, max live {z.max_live:.0e})", fetched * self.d)
-        phase.add(FLAT_BUFFER, fetched * self.d)
-        self.add_kept(phase, kept)
-
-    def add_kept(self, phase: Phase, kept: int):
-        phase.add(f"ZeRO-3 kept gathered for their next use ({kept / 1e6:.0f}M: the last MoE block, the last "
-                  f"layers' attention; reuse distance {self.zero.reuse_distance:.0e})", kept * self.d)
+        phase.add(FLAT_BUFFER + f" ({bucket / 1e6:.0f}M)", bucket * self.d)
+        phase.add(f"ZeRO-3 kept gathered for their next use ({kept / 1e6:.0f}M: the last layers' attention; "
+                  f"reuse distance {z.reuse_distance:.0e})", kept * self.d)
 
 
 def held_phase(r: Run) -> Phase:
@@ -493,7 +495,7 @@ def loss_phase(r: Run) -> Phase:
     loss, d, V, rows = Phase("loss"), r.d, r.V, loss_rows(r.n)
     if r.zero.stage == 3:
         loss.add(f"lm_head gathered [{V}, {r.H}]", V * r.H * d)
-        r.add_kept(loss, r.gathered()[1])
+        r.add_gathered(loss)  # what the student's forward left gathered for its backward
     if r.device != "cpu":
         loss.add(f"logits buffers: 2 x [{rows}, {V}]", 2 * rows * V * d)
     k = min(rows, 2 if r.device == "cpu" else GPU_ROWS_PER_BLOCK)

@@ -12,8 +12,9 @@ live tensors (each storage once, found through the garbage collector; not RSS):
     base         the frozen parameters' storage: this rank's ZeRO-3 partitions, or the replica
     held_other   every other live tensor between steps: LoRA weights, fp32 master, AdamW moments,
                  gradient partitions, DeepSpeed's buffers
-    gathered     ZeRO-3: the most parameter elements gathered at once, seen at every module's
-                 forward (DeepSpeed's own record, ds_status AVAILABLE), times the element size
+    gathered     ZeRO-3: the most parameter elements gathered at once in the backward (where the
+                 step peaks), seen at every module's forward of the checkpointed layers'
+                 recomputation (DeepSpeed's own record, ds_status AVAILABLE), times the element size
     step_peak    above what is held between steps, the most the second step had allocated at
                  once (the CPU allocator's running total under torch.profiler's memory profiling,
                  without gloo's temporary copies inside a collective)
@@ -131,6 +132,8 @@ def measure(model_dir: str, deepspeed: str) -> dict:
     def record(*_):
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
+        if torch._C._current_graph_task_id() == -1:  # not inside the backward
+            return
         now = sum(p.ds_numel for p in params if p.ds_status == ZeroParamStatus.AVAILABLE)
         gathered[0] = max(gathered[0], now)
 

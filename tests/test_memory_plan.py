@@ -139,9 +139,10 @@ def rows(plan):
             "step_peak": max(forward_backward.gpu_bytes(), loss.gpu_bytes()) + persistent}
 
 
-# ZeRO-3 without prefetch and with a short reuse distance, nothing persistent: the gathered set is then
-# the module running plus what DeepSpeed keeps for its next use (the last MoE block, the attention of
-# the last layers: 3 of 4 at 1.5M elements), which the plan derives from DeepSpeed's release rule
+# ZeRO-3 without prefetch and with a short reuse distance, nothing persistent: the gathered set in the
+# backward is then the module running (the last MoE block, kept from the forward) plus what DeepSpeed
+# keeps for its next use (the attention of the last layers: 3 of 4 at 1.5M elements), which the plan
+# derives from DeepSpeed's release rule
 RELEASE_RULE = {"zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
                                       "reduce_bucket_size": 1e6, "stage3_param_persistence_threshold": 0,
                                       "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 1.5e6}}
@@ -246,7 +247,7 @@ def test_estimate_memory_on_the_command_line(released_dir):
     assert lines[1].split() == ["GPUs", "80", "GB", "(H100,", "A100)", "141", "GB", "(H200)"] and list(fits) == \
         ["1", "2", "4", "8", "16"]
     assert fits["8"] == ["fits (68.0 GiB)"] * 2  # the ms-swift command, as docs/memory.md says
-    assert fits["2"] == ["--gather_for_generation false (41.4 GiB)", "fits (91.1 GiB)"]
+    assert fits["2"] == ["--gather_for_generation false (39.1 GiB)", "fits (91.1 GiB)"]
     out = run_selfkd("check", "--nproc_per_node", "4", *ms_swift_flags(released_dir), "--estimate_memory")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "on 4 GPU(s)" in out.stdout and out.stdout.strip().splitlines()[-1].startswith("peak per GPU: ")
