@@ -419,6 +419,11 @@ class SimulatedEngine:
 # One simulated rank's training step
 
 
+def by_name(snapshot: dict) -> dict[str, int]:
+    """A MemTracker snapshot of one device keyed by category name ("Parameter", ..., "Total")."""
+    return {getattr(k, "value", k): v for k, v in snapshot.items()}
+
+
 class StepMemory(MemTracker):
     """torch's MemTracker, keeping what the phases read: the device's live storages by category and
     their peak. Its per-module records are off: it refuses a module called twice, and a step calls
@@ -442,6 +447,7 @@ class StepMemory(MemTracker):
         from torch.distributed._tools.mem_tracker import _MemRefType
 
         self._update_and_maybe_create_winfos(master, _MemRefType.OPT)
+
         def grad_hook(grad) -> None:
             self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
@@ -451,8 +457,7 @@ class StepMemory(MemTracker):
                 p.register_hook(grad_hook)
 
     def now(self) -> dict[str, int]:
-        snap = self.get_tracker_snapshot("current").get(torch.device("meta"), {})
-        return {str(k.value if hasattr(k, "value") else k): v for k, v in snap.items()}
+        return by_name(self.get_tracker_snapshot("current").get(torch.device("meta"), {}))
 
     @contextmanager
     def peak_of(self, into: dict):
@@ -468,7 +473,7 @@ class StepMemory(MemTracker):
             peak = self._peak_mem_snap.get(meta, {})
             if peak.get("Total", 0) > into.get("Total", 0):
                 into.clear()
-                into.update({str(k.value if hasattr(k, "value") else k): v for k, v in peak.items()})
+                into.update(by_name(peak))
             for dev, value in outer_peak.items():  # the outer block's peak includes this one
                 if self._peak_mem.get(dev, 0) < value:
                     self._peak_mem[dev], self._peak_mem_snap[dev] = value, outer_snap[dev]
@@ -476,12 +481,10 @@ class StepMemory(MemTracker):
 
 @dataclass
 class StepReport:
-    branch: str
     costs: dict  # phase -> PhaseCost
     memory: dict  # phase -> {category: bytes} at the phase's peak
     held_after: dict  # {category: bytes} live after the step and the save: what stays from step to step
     params: list  # (elements, trainable, bytes per element) of every parameter, as built
-    seconds: float  # this simulation's own wall time
 
 
 PHASES = ("generation", "teacher forward", "student forward", "loss", "backward", "optimizer step",
@@ -527,7 +530,6 @@ def simulate_step(cfg, mcfg, world: int, branch: str, zero, capability: tuple[in
     from chat import Batch
     from lora import adapter_tensors, inject_lora
 
-    started = time.time()
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -602,8 +604,8 @@ def simulate_step(cfg, mcfg, world: int, branch: str, zero, capability: tuple[in
             held_after = memory.now()
     finally:
         selfkd.completion_hidden, selfkd.chunked_jsd_loss_sum = real[0], real[1]
-    return StepReport(branch, {k: v for k, v in sim.costs.items() if k in PHASES},
-                      {k: v for k, v in peaks.items() if v}, held_after, params, time.time() - started)
+    return StepReport({k: v for k, v in sim.costs.items() if k in PHASES}, {k: v for k, v in peaks.items() if v},
+                      held_after, params)
 
 
 # ----------------------------------------------------------------------------------------------
