@@ -712,28 +712,38 @@ def report(cfg, card: str, world: int, persistent_numel: int = 0) -> str:
                       f"(simulated in {time.time() - started:.0f} s)"])
 
 
-def gather_seconds(r: StepReport, gpu: GPU, stage: int, world: int, base: int, cfg) -> dict:
+def gather_seconds(gpu: GPU, stage: int, world: int, base: int, sampling_gathers: int) -> dict:
     """ZeRO-3's all-gathers of the base weights per phase, at NVLink speed: each rank receives the
     (world - 1) / world it lacks. The passes gather every layer (the teacher's and the student's
     forward, and the backward: the recomputation and the layer's own gradients, DeepSpeed keeping
-    the weights between them only for the last layers); sampling gathers once (--gather_for_generation)
-    or at every decode step."""
+    the weights between them only for the last layers); sampling `sampling_gathers` times: once
+    (--gather_for_generation) or at every decode step."""
     if stage != 3 or world == 1:
         return {}
     once = base * (world - 1) / world / gpu.nvlink
-    steps = 1 if cfg.gather_for_generation else cfg.max_completion_length
-    return {"generation": once * steps, "teacher forward": once, "student forward": once, "backward": once}
+    return {"generation": once * sampling_gathers, "teacher forward": once, "student forward": once, "backward": once}
+
+
+def sampling_gathers(cfg) -> int:
+    return 1 if cfg.gather_for_generation else cfg.max_completion_length
+
+
+def decode_graphs(cfg, stage: int) -> bool:
+    """Whether sampling replays its decode step as CUDA graphs: --compile_decode (auto: on a GPU),
+    except under ZeRO-3 without --gather_for_generation, where DeepSpeed's per-module gathers run
+    eagerly (selfkd.sample_completions)."""
+    return cfg.compile_decode != "false" and (stage != 3 or cfg.gather_for_generation)
 
 
 def step_seconds(r: StepReport, card: str, cfg, stage: int, world: int, base: int) -> float:
     """A step's predicted seconds: per phase the GPU's roofline or the host's launches when longer
     (eager), except sampling's decode steps under --compile_decode (CUDA graphs: the GPU's time);
     the passes' gathers overlap their compute (DeepSpeed prefetches), sampling's gather precedes it."""
-    comm = gather_seconds(r, GPUS[card], stage, world, base, cfg)
+    comm = gather_seconds(GPUS[card], stage, world, base, sampling_gathers(cfg))
     total = 0.0
     for name, c in r.costs.items():
         compute = c.seconds[card]
-        if not (name == "generation" and cfg.compile_decode != "false"):
+        if not (name == "generation" and decode_graphs(cfg, stage)):
             compute = max(compute, c.launches * LAUNCH_SECONDS)
         gather = comm.get(name, 0.0)
         total += compute + gather if name == "generation" else max(compute, gather)
@@ -747,10 +757,10 @@ def phase_table(runs: dict, card: str, cfg, stage: int, world: int, base: int) -
              f"{LAUNCH_SECONDS * 1e6:.0f} us each; ZeRO-3 gathers at {gpu.nvlink / 1e9:.0f} GB/s NVLink",
              f"  {'branch / phase':<30}{'launches':>11}{'TFLOP':>8}{'GPU s':>8}{'launch s':>9}{'gather s':>9}  bound"]
     for b, r in runs.items():
-        comm = gather_seconds(r, gpu, stage, world, base, cfg)
+        comm = gather_seconds(gpu, stage, world, base, sampling_gathers(cfg))
         for name, c in r.costs.items():
             launch, compute, gather = c.launches * LAUNCH_SECONDS, c.seconds[card], comm.get(name, 0.0)
-            graphs = name == "generation" and cfg.compile_decode != "false"
+            graphs = name == "generation" and decode_graphs(cfg, stage)
             bound = max(("GPU", compute), ("launches", 0 if graphs else launch), ("NVLink", gather), key=lambda x: x[1])
             lines.append(f"  {b + ' / ' + name:<30}{c.launches:>11,}{c.flops / 1e12:>8.1f}{compute:>8.3f}{launch:>9.3f}"
                          f"{gather:>9.3f}  {bound[0]}" + ("  (decode steps as CUDA graphs: launches do not bind)"

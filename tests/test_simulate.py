@@ -166,3 +166,13 @@ def test_gathers_and_scatters_cost_the_rows_they_touch():
     cost = sim.costs["setup"].op_seconds
     assert cost["h100", "embedding"] == pytest.approx((2 * 4 * 1024 * 2 + 4 * 8) / hbm)
     assert cost["h100", "index_copy_"] == pytest.approx(2 * (8 + 4 * 4 * 128 * 2) / hbm)
+
+
+def test_sampling_replays_cuda_graphs_only_where_selfkd_compiles_the_decode_step():
+    """Under ZeRO-3 without --gather_for_generation DeepSpeed gathers per module at every decode step,
+    which sample_completions runs eagerly: its launches then bind, and it gathers once per token."""
+    assert simulate.decode_graphs(flags(), stage=3) and simulate.decode_graphs(flags(), stage=2)
+    assert not simulate.decode_graphs(flags("--gather_for_generation", "false"), stage=3)
+    assert simulate.decode_graphs(flags("--gather_for_generation", "false"), stage=2)
+    assert not simulate.decode_graphs(flags("--compile_decode", "false"), stage=2)
+    assert simulate.sampling_gathers(flags("--gather_for_generation", "false")) == 16
